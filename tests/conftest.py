@@ -1,0 +1,41 @@
+"""Shared pytest set-up.
+
+Assignment markers: every '# BEGIN ASSIGN X.Y' region in tinybooth/ is one task; its tests carry
+@pytest.mark.taskX_Y. The markers are registered here from the source, so a grader runs
+`pytest -m task1_2` and an unknown marker is an error (--strict-markers in pyproject.toml).
+"""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+ASSIGN_RE = re.compile(r"#\s*BEGIN ASSIGN (\d+)\.(\d+)")
+
+
+def assignment_tasks(package_dir=ROOT / "tinybooth"):
+    """Sorted task ids like '1_2' found in the source's BEGIN ASSIGN markers."""
+    tasks = set()
+    for f in Path(package_dir).rglob("*.py"):
+        for m in ASSIGN_RE.finditer(f.read_text(encoding="utf-8")):
+            tasks.add(f"{m.group(1)}_{m.group(2)}")
+    return sorted(tasks, key=lambda s: tuple(int(p) for p in s.split("_")))
+
+
+def pytest_configure(config):
+    for task in assignment_tasks():
+        config.addinivalue_line("markers", f"task{task}: assignment task {task.replace('_', '.')}")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on a 2-core CPU")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def fixtures_dir():
+    return FIXTURES

@@ -4,6 +4,8 @@ Assignment markers: every '# BEGIN ASSIGN X.Y' region in tinybooth/ is one task;
 @pytest.mark.taskX_Y. The markers are registered here from the source, so a grader runs
 `pytest -m task1_2` and an unknown marker is an error (--strict-markers in pyproject.toml).
 """
+import json
+import os
 import re
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
-ASSIGN_RE = re.compile(r"#\s*BEGIN ASSIGN (\d+)\.(\d+)")
+# a solution region, or what the student copy leaves in its place
+ASSIGN_RE = re.compile(r"#\s*(?:BEGIN|TODO) ASSIGN (\d+)\.(\d+)")
 
 
 def assignment_tasks(package_dir=ROOT / "tinybooth"):
@@ -28,6 +31,16 @@ def pytest_configure(config):
     for task in assignment_tasks():
         config.addinivalue_line("markers", f"task{task}: assignment task {task.replace('_', '.')}")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on a 2-core CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    """With TINYBOOTH_MARKER_REPORT=path, write {test id: [task markers]} (used by tests/test_assignments.py)."""
+    report = os.environ.get("TINYBOOTH_MARKER_REPORT")
+    if report:
+        tasks = {item.nodeid: sorted(m.name for m in item.iter_markers() if m.name.startswith("task"))
+                 for item in items}
+        with open(report, "w") as f:
+            json.dump(tasks, f, indent=1)
 
 
 @pytest.fixture(autouse=True)

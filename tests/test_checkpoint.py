@@ -1,0 +1,92 @@
+"""Strict loading in the public layout: single file, shards + index, variants, .bin, and errors that name keys."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from tinybooth.checkpoint import (CheckpointError, find_weight_files, load_pretrained, read_state_dict,
+                                  save_pretrained)
+
+
+class Tiny(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.config = {"width": width}
+        self.proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config["width"])
+
+
+def write_sharded(path, state, stem="model", variant=None):
+    v = f".{variant}" if variant else ""
+    keys = sorted(state)
+    shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    weight_map = {}
+    for i, shard_keys in enumerate(shards):
+        name = f"{stem}{v}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: state[k] for k in shard_keys}, str(path / name))
+        weight_map.update({k: name for k in shard_keys})
+    (path / f"{stem}.safetensors.index{v}.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_save_then_load_round_trip(tmp_path):
+    model = Tiny(4)
+    save_pretrained(model, tmp_path, model.config, "model")
+    loaded = load_pretrained(Tiny, tmp_path, "model")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), f"tensor {k} changed in a save/load round trip"
+
+
+def test_sharded_index_and_fp16_variant(tmp_path):
+    model = Tiny(4)
+    (tmp_path / "config.json").write_text(json.dumps(model.config))
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    write_sharded(tmp_path, state, variant="fp16")
+    files = find_weight_files(tmp_path, "model", variant="fp16")
+    assert [f.name for f in files] == ["model.fp16-00001-of-00002.safetensors", "model.fp16-00002-of-00002.safetensors"]
+    loaded = load_pretrained(Tiny, tmp_path, "model", variant="fp16", dtype=torch.float32)
+    assert loaded.proj.weight.dtype == torch.float32
+    assert torch.allclose(loaded.proj.weight, model.proj.weight, atol=1e-3)
+    with pytest.raises(CheckpointError, match="no weights"):
+        find_weight_files(tmp_path, "model")  # only the fp16 variant exists
+
+
+def test_missing_shard_is_named(tmp_path):
+    write_sharded(tmp_path, Tiny(4).state_dict())
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        find_weight_files(tmp_path, "model")
+
+
+def test_bin_file_is_read_without_unpickling_code(tmp_path):
+    torch.save(Tiny(3).state_dict(), tmp_path / "pytorch_model.bin")
+    assert set(read_state_dict(find_weight_files(tmp_path, "model"))) == {"proj.weight", "proj.bias", "norm.weight",
+                                                                          "norm.bias"}
+    torch.save({"evil": object()}, tmp_path / "pytorch_model.bin")  # arbitrary pickled objects are refused
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+        read_state_dict(find_weight_files(tmp_path, "model"))
+
+
+def test_errors_name_missing_unexpected_and_mis_shaped_keys(tmp_path):
+    state = Tiny(4).state_dict()
+    state.pop("norm.bias")
+    state["extra.weight"] = torch.zeros(1)
+    state["proj.weight"] = torch.zeros(4, 5)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"width": 4}))
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(Tiny, tmp_path, "model")
+    message = str(err.value)
+    assert "missing (1): norm.bias" in message
+    assert "unexpected (1): extra.weight" in message
+    assert "proj.weight: checkpoint (4, 5) vs model (4, 4)" in message
+
+
+def test_missing_directory_says_how_to_download(tmp_path):
+    with pytest.raises(CheckpointError, match="weights_download.py"):
+        load_pretrained(Tiny, tmp_path / "nope", "model")

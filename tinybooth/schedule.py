@@ -1,0 +1,245 @@
+"""Noise schedules: how much signal and how much noise a diffusion model sees at each time t.
+
+DreamBooth (Sec. 3, "Preliminaries") writes the forward process of a diffusion model as
+
+    z_t = alpha_t * x + sigma_t * eps,        eps ~ N(0, I),   t in [0, 1]
+
+where alpha_t decreases from ~1 to ~0 and sigma_t^2 = 1 - alpha_t^2 ("variance preserving"). The ratio
+SNR(t) = alpha_t^2 / sigma_t^2 is the signal-to-noise ratio; its log, lambda_t = log SNR(t), falls monotonically.
+Everything in this module is one of three views of the same numbers:
+
+1. Continuous time (the paper's notation): t in [0, 1] -> (alpha_t, sigma_t). `cosine_alpha_sigma` is the
+   cosine schedule of Nichol & Dhariwal (2021), the one DeepFloyd IF uses.
+2. Discrete time (the public checkpoints): DDPM's T = 1000 steps with betas beta_1..beta_T,
+   alpha_bar_t = prod_{s<=t} (1 - beta_s), and then alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t).
+   `DiscreteSchedule` builds the betas from a public `scheduler_config.json` exactly as the checkpoints were
+   trained (index t = 0..T-1 in code, as in the files).
+3. Parameterisations: a network may predict the clean image x ("sample"), the noise eps ("epsilon"; IF and SD 1.x)
+   or the velocity v = alpha_t eps - sigma_t x ("v_prediction"). Since z_t = alpha_t x + sigma_t eps and
+   alpha_t^2 + sigma_t^2 = 1, each one determines the others given z_t:
+
+       x = (z_t - sigma_t eps) / alpha_t          eps = (z_t - alpha_t x) / sigma_t
+       x = alpha_t z_t - sigma_t v                eps = sigma_t z_t + alpha_t v
+
+   So every network is an x_hat_theta(z_t, c) in the paper's sense; `predict_x_and_eps` gives both views.
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+
+# diffusers' defaults for keys a scheduler_config.json may leave out (DDPMScheduler / DDIMScheduler agree on all
+# shared keys; variance_type is DDPM's, set_alpha_to_one DDIM's).
+DEFAULTS = dict(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+    prediction_type="epsilon", variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0,
+    thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, timestep_spacing="leading",
+    steps_offset=0, set_alpha_to_one=True, rescale_betas_zero_snr=False,
+)
+CHOICES = dict(
+    beta_schedule=("linear", "scaled_linear", "squaredcos_cap_v2"),
+    prediction_type=("epsilon", "sample", "v_prediction"),
+    variance_type=("fixed_small", "fixed_large", "learned_range"),
+    timestep_spacing=("leading", "trailing", "linspace"),
+)
+COSINE_OFFSET = 0.008  # s in alpha_bar(t) = cos^2((t + s) / (1 + s) * pi / 2), keeps beta_1 from being ~0
+MAX_BETA = 0.999  # "cap" of squaredcos_cap_v2: the last betas would otherwise reach 1 (alpha_bar(1) = 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# continuous time, the paper's notation
+
+def cosine_alpha_sigma(t, s=COSINE_OFFSET):
+    """Cosine schedule (Nichol & Dhariwal 2021) in continuous time t in [0, 1]:
+
+        alpha_bar(t) = f(t) / f(0),   f(t) = cos^2((t + s) / (1 + s) * pi / 2)
+        alpha_t = sqrt(alpha_bar(t)),  sigma_t = sqrt(1 - alpha_bar(t))
+
+    The discrete squaredcos_cap_v2 schedule samples it: alphas_cumprod[i] == alpha_bar((i + 1) / T) wherever the
+    beta cap (0.999) has not bitten, i.e. for all but the last step.
+    """
+    t = torch.as_tensor(t, dtype=torch.float64)
+    # BEGIN ASSIGN 1.5
+    # HINT: alpha_bar(t) = f(t) / f(0) with f(t) = cos^2((t + s) / (1 + s) * pi / 2); return (sqrt(alpha_bar), sqrt(1 - alpha_bar))
+    f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = (f(t) / f(torch.zeros_like(t))).clamp(0.0, 1.0)
+    return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    # END ASSIGN 1.5
+
+
+def log_snr(alpha_t, sigma_t):
+    """lambda_t = log(alpha_t^2 / sigma_t^2), the log signal-to-noise ratio (decreasing in t)."""
+    return 2 * (torch.log(alpha_t) - torch.log(sigma_t))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# conversions between the three parameterisations (all tensors broadcast; alpha_t, sigma_t as from alpha_sigma)
+
+def x_from_eps(z_t, eps, alpha_t, sigma_t):
+    """x = (z_t - sigma_t eps) / alpha_t   (invert z_t = alpha_t x + sigma_t eps for x)"""
+    # BEGIN ASSIGN 1.3
+    # HINT: x = (z_t - sigma_t * eps) / alpha_t
+    return (z_t - sigma_t * eps) / alpha_t
+    # END ASSIGN 1.3
+
+
+def eps_from_x(z_t, x, alpha_t, sigma_t):
+    """eps = (z_t - alpha_t x) / sigma_t   (invert z_t = alpha_t x + sigma_t eps for eps)"""
+    # BEGIN ASSIGN 1.3
+    # HINT: eps = (z_t - alpha_t * x) / sigma_t
+    return (z_t - alpha_t * x) / sigma_t
+    # END ASSIGN 1.3
+
+
+def v_from(x, eps, alpha_t, sigma_t):
+    """v = alpha_t eps - sigma_t x, the "velocity" target (Salimans & Ho 2022; SD 2.x 768 px)."""
+    # BEGIN ASSIGN 1.4
+    # HINT: v = alpha_t * eps - sigma_t * x
+    return alpha_t * eps - sigma_t * x
+    # END ASSIGN 1.4
+
+
+def x_from_v(z_t, v, alpha_t, sigma_t):
+    """x = alpha_t z_t - sigma_t v   (uses alpha_t^2 + sigma_t^2 = 1)"""
+    # BEGIN ASSIGN 1.4
+    # HINT: x = alpha_t * z_t - sigma_t * v
+    return alpha_t * z_t - sigma_t * v
+    # END ASSIGN 1.4
+
+
+def eps_from_v(z_t, v, alpha_t, sigma_t):
+    """eps = sigma_t z_t + alpha_t v   (uses alpha_t^2 + sigma_t^2 = 1)"""
+    # BEGIN ASSIGN 1.4
+    # HINT: eps = sigma_t * z_t + alpha_t * v
+    return sigma_t * z_t + alpha_t * v
+    # END ASSIGN 1.4
+
+
+def predict_x_and_eps(model_out, z_t, alpha_t, sigma_t, prediction_type):
+    """(x_hat, eps_hat) from a network output of any parameterisation ("epsilon", "sample", "v_prediction").
+
+    model_out must hold exactly the prediction (split off a learned-variance half first).
+    """
+    if prediction_type == "epsilon":
+        return x_from_eps(z_t, model_out, alpha_t, sigma_t), model_out
+    if prediction_type == "sample":
+        return model_out, eps_from_x(z_t, model_out, alpha_t, sigma_t)
+    if prediction_type == "v_prediction":
+        return x_from_v(z_t, model_out, alpha_t, sigma_t), eps_from_v(z_t, model_out, alpha_t, sigma_t)
+    raise ValueError(f"prediction_type '{prediction_type}' is not supported; use one of {CHOICES['prediction_type']}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# discrete time, as the public checkpoints were trained
+
+def make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end):
+    """beta_1..beta_T (a float32 tensor [T]) for the three schedules of public checkpoints:
+
+        linear             beta_t evenly spaced from beta_start to beta_end          (DDPM, Ho et al. 2020)
+        scaled_linear      sqrt(beta_t) evenly spaced from sqrt(beta_start) to sqrt(beta_end)  (SD 1.x, LDM)
+        squaredcos_cap_v2  beta_t = min(1 - alpha_bar(t_i+1) / alpha_bar(t_i), 0.999), t_i = i / T, with the
+                           cosine alpha_bar of `cosine_alpha_sigma` (IF); beta_start/beta_end are unused
+    """
+    T = num_train_timesteps
+    # BEGIN ASSIGN 1.1
+    # HINT: linear: torch.linspace(beta_start, beta_end, T); scaled_linear: linspace of the square roots, squared; squaredcos_cap_v2: min(1 - f((i+1)/T) / f(i/T), 0.999) with f(t) = cos^2((t + 0.008) / 1.008 * pi / 2), in float64 math then float32
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        f = lambda t: math.cos((t + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+        # 1 - alpha_bar(t_{i+1}) / alpha_bar(t_i), computed in Python floats (float64) like the reference
+        return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), MAX_BETA) for i in range(T)], dtype=torch.float32)
+    # END ASSIGN 1.1
+    raise ValueError(f"beta_schedule '{beta_schedule}' is not supported; use one of {CHOICES['beta_schedule']}")
+
+
+class DiscreteSchedule:
+    """The T-step schedule of a public checkpoint, built from its scheduler_config.json.
+
+    Attributes: config (the public dict with diffusers' defaults filled in), num_train_timesteps, prediction_type,
+    betas, alphas (= 1 - betas), alphas_cumprod (= alpha_bar_t): float32 tensors [T] on the CPU.
+    Samplers read the inference settings (variance_type, clip_sample, thresholding, ...) from `config`.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.num_train_timesteps = config["num_train_timesteps"]
+        self.prediction_type = config["prediction_type"]
+        self.betas = make_betas(config["beta_schedule"], self.num_train_timesteps,
+                                config["beta_start"], config["beta_end"])  # [T]
+        self.alphas = 1.0 - self.betas  # [T]
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # [T], alpha_bar_t = prod_{s<=t} (1 - beta_s)
+
+    @classmethod
+    def from_config(cls, config):
+        """Validate a scheduler_config.json dict, fill in diffusers' defaults for missing keys, build the schedule.
+
+        Keys that do not change the math of this module (e.g. _class_name, skip_prk_steps) are kept as they are.
+        """
+        config = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None or k not in DEFAULTS}}
+        for key, allowed in CHOICES.items():
+            if config[key] not in allowed:
+                raise ValueError(f"scheduler config: {key} = '{config[key]}' is not supported; "
+                                 f"use one of {allowed}")
+        if config["trained_betas"] is not None:
+            raise ValueError("scheduler config: trained_betas is set; tinybooth builds betas from beta_schedule "
+                             "only. Remove trained_betas (set it to null) and name the schedule instead")
+        if config["rescale_betas_zero_snr"]:
+            raise ValueError("scheduler config: rescale_betas_zero_snr = true is not supported; set it to false")
+        if not (isinstance(config["num_train_timesteps"], int) and config["num_train_timesteps"] > 0):
+            raise ValueError(f"scheduler config: num_train_timesteps = {config['num_train_timesteps']!r} "
+                             "must be a positive integer")
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Read a `scheduler/` directory (or its scheduler_config.json file) of a public pipeline."""
+        path = Path(path)
+        file = path / "scheduler_config.json" if path.is_dir() else path
+        if not file.exists():
+            raise ValueError(f"no scheduler_config.json at '{path}'; pass a pipeline's scheduler/ directory "
+                             "or the json file itself")
+        with open(file) as f:
+            return cls.from_config(json.load(f))
+
+    def save_pretrained(self, path):
+        """Write scheduler_config.json into the directory `path` (created if needed)."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with open(Path(path) / "scheduler_config.json", "w") as f:
+            json.dump(self.config, f, indent=2, sort_keys=True)
+
+    def alpha_sigma(self, t, ndim=4):
+        """(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) for integer timesteps t.
+
+        t: int or LongTensor [B] with values in 0..T-1. For t of shape [B] the results have shape [B, 1, ..., 1]
+        (ndim dims in all, 4 for images [B, C, H, W]) so they broadcast against a batch; a scalar t gives 0-d tensors.
+        float32, on t's device.
+        """
+        t = torch.as_tensor(t, dtype=torch.long)
+        if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
+            raise ValueError(f"timesteps must lie in 0..{self.num_train_timesteps - 1}, got {t.tolist()}")
+        alpha_bar = self.alphas_cumprod.to(t.device)[t]  # [B] or []
+        if alpha_bar.ndim == 1:
+            alpha_bar = alpha_bar.view(-1, *[1] * (ndim - 1))  # [B, 1, 1, 1]
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+    def q_sample(self, x, t, noise):
+        """The forward process z_t = alpha_t x + sigma_t eps (q(z_t | x) of DDPM), per sample of the batch.
+
+        x, noise: [B, ...]; t: LongTensor [B] (or an int for the whole batch). Returns z_t shaped like x, in x's dtype.
+        Training (eq. 1) and the cascade's noise augmentation of the low-res image both call this.
+        """
+        # BEGIN ASSIGN 1.2
+        # HINT: alpha_t, sigma_t = self.alpha_sigma(t, x.ndim); return alpha_t * x + sigma_t * noise (cast alpha_t, sigma_t to x.dtype)
+        alpha_t, sigma_t = self.alpha_sigma(t.to(x.device) if torch.is_tensor(t) else t, x.ndim)
+        alpha_t, sigma_t = alpha_t.to(x.device, x.dtype), sigma_t.to(x.device, x.dtype)
+        return alpha_t * x + sigma_t * noise
+        # END ASSIGN 1.2
+
+    def __repr__(self):
+        c = self.config
+        return (f"DiscreteSchedule({c['beta_schedule']}, T={self.num_train_timesteps}, "
+                f"prediction_type={c['prediction_type']}, variance_type={c['variance_type']})")

@@ -1,0 +1,155 @@
+"""DreamBooth-LoRA adapters (tinybooth.lora): h = W x + (alpha / r) B A x on the attention projections."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from tinybooth import lora
+
+
+class Attention(nn.Module):
+    """The public names of an IF/SD attention block: to_q/k/v, to_out = [Linear, Dropout], added-KV projections."""
+
+    def __init__(self, d=16, d_text=12):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.add_k_proj, self.add_v_proj = nn.Linear(d_text, d), nn.Linear(d_text, d)
+        self.to_out = nn.ModuleList([nn.Linear(d, d), nn.Dropout(0.0)])
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x, c):  # x: [B, N, d], c: [B, L, d_text]
+        q = self.to_q(self.norm(x))
+        k = torch.cat([self.add_k_proj(c), self.to_k(x)], 1)
+        v = torch.cat([self.add_v_proj(c), self.to_v(x)], 1)
+        a = torch.softmax(q @ k.transpose(1, 2) / 4, -1) @ v
+        return self.to_out[1](self.to_out[0](a))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Attention(), Attention()])
+        self.proj = nn.Linear(16, 16)  # not an attention projection: must stay untouched
+
+    def forward(self, x, c):
+        for b in self.blocks:
+            x = x + b(x, c)
+        return self.proj(x)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 5, 16, generator=g), torch.randn(2, 3, 12, generator=g)
+
+
+def _train_adapters_a_bit(model):
+    """Give B non-zero values, as a few fine-tuning steps would."""
+    with torch.no_grad():
+        for m in lora.lora_layers(model).values():
+            m.lora_B.normal_(0, 0.1)
+
+
+@pytest.mark.task8_1
+def test_lora_at_init_leaves_the_output_unchanged():
+    model = Tiny()
+    x, c = _inputs()
+    before = model(x, c)
+    lora.add_lora(model, rank=2)
+    after = model(x, c)
+    assert torch.equal(before, after), "B starts at zero, so at init W x + (alpha/r) B A x must equal W x exactly"
+
+
+@pytest.mark.task8_1
+def test_lora_forward_is_w_x_plus_scaled_b_a_x():
+    base = nn.Linear(6, 5)
+    layer = lora.LoRALinear(base, rank=2, alpha=3.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 6)
+    expected = base(x) + (3.0 / 2) * x @ layer.lora_A.T @ layer.lora_B.T
+    assert torch.allclose(layer(x), expected, atol=1e-6), \
+        "LoRA output must be W x + b + (alpha / r) B A x with alpha=3, r=2 (scale 1.5)"
+
+
+def test_only_adapters_require_grad_and_the_right_layers_are_wrapped():
+    model = Tiny()
+    names = lora.add_lora(model, rank=2)
+    expected = {f"blocks.{i}.{n}" for i in range(2) for n in ("to_q", "to_k", "to_v", "to_out.0",
+                                                               "add_k_proj", "add_v_proj")}
+    assert set(names) == expected, f"wrapped {sorted(names)}, expected the 6 attention projections per block"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{ab}" for n in expected for ab in "AB"}, \
+        f"only lora_A / lora_B may require grad, got {sorted(trainable)[:6]}..."
+    x, c = _inputs()
+    model(x, c).square().mean().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    assert any(m.lora_B.grad.abs().sum() > 0 for m in lora.lora_layers(model).values()), \
+        "the loss must reach the adapters (B gets a gradient even though it starts at zero)"
+
+
+@pytest.mark.task8_2
+def test_merged_equals_unmerged():
+    model = Tiny()
+    lora.add_lora(model, rank=3, alpha=6)
+    _train_adapters_a_bit(model)
+    x, c = _inputs()
+    unmerged = model(x, c)
+    lora.merge_lora(model)
+    assert not lora.lora_layers(model), "merge_lora must put plain nn.Linear layers back"
+    assert isinstance(model.blocks[0].to_out[0], nn.Linear)
+    merged = model(x, c)
+    assert torch.allclose(merged, unmerged, atol=1e-5), \
+        f"W + (alpha/r) B A must give the same output as the adapters; max diff {(merged - unmerged).abs().max():.2e}"
+    # the merged model has exactly the public keys again, so it saves in the public layout
+    assert set(model.state_dict()) == set(Tiny().state_dict())
+
+
+def test_save_and_load_adapters_in_diffusers_naming(tmp_path):
+    model = Tiny()
+    lora.add_lora(model, rank=2)
+    _train_adapters_a_bit(model)
+    file = lora.save_lora(tmp_path, {"unet": model})
+    assert file.name == "pytorch_lora_weights.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        keys, meta = set(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+    assert "unet.blocks.0.to_out.0.lora_A.weight" in keys and "unet.blocks.1.add_v_proj.lora_B.weight" in keys
+    assert len(keys) == 2 * 12
+    assert meta["unet.r"] == 2 and meta["unet.lora_alpha"] == 2.0
+    assert set(meta["unet.target_modules"]) == {"to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"}
+
+    fresh = Tiny()
+    fresh.load_state_dict({k.replace(".base.", "."): v for k, v in model.state_dict().items()
+                           if "lora_" not in k}, strict=True)  # same frozen base weights
+    lora.load_lora(tmp_path, {"unet": fresh})  # wraps the layers itself, rank from the metadata
+    x, c = _inputs()
+    assert torch.equal(fresh(x, c), model(x, c)), "loading saved adapters must reproduce the trained model"
+
+
+def test_load_refuses_adapters_for_other_layers(tmp_path):
+    model = Tiny()
+    lora.add_lora(model, rank=2)
+    lora.save_lora(tmp_path, {"unet": model})
+    other = Tiny()
+    lora.add_lora(other, rank=2, targets=("to_q",))
+    with pytest.raises(ValueError, match="does not match the unet"):
+        lora.load_lora(tmp_path, {"unet": other})
+
+
+def test_bad_rank_and_missing_targets_are_clear_errors():
+    with pytest.raises(ValueError, match="rank 99"):
+        lora.LoRALinear(nn.Linear(8, 8), rank=99, alpha=1)
+    with pytest.raises(ValueError, match="no Linear layer"):
+        lora.add_lora(nn.Sequential(nn.Linear(4, 4)), rank=1)
+
+
+def test_adapters_stay_fp32_on_a_bf16_model():
+    model = Tiny().to(torch.bfloat16)
+    lora.add_lora(model, rank=2)
+    _train_adapters_a_bit(model)
+    x, c = (t.to(torch.bfloat16) for t in _inputs())
+    out = model(x, c)
+    assert out.dtype == torch.bfloat16
+    assert all(m.lora_A.dtype == torch.float32 for m in lora.lora_layers(model).values()), \
+        "trainable adapters must stay fp32 (the optimizer updates them) even when the frozen base is bf16"

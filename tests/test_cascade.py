@@ -1,0 +1,101 @@
+"""The cascade: noise augmentation of the SR model's low-res input (vs diffusers' IF stage II), and the pipelines."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinybooth import cascade
+from tinybooth.schedule import DiscreteSchedule
+
+from conftest import FIXTURES
+
+NOISING = FIXTURES / "cascade"
+
+
+@pytest.fixture(scope="module")
+def noising_ref():
+    return load_file(str(NOISING / "noising.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def noising_schedule():
+    return DiscreteSchedule.from_pretrained(NOISING / "noising")
+
+
+def test_upsample_is_bilinear_align_corners_like_if(noising_ref):
+    up = cascade.upsample(noising_ref["x_low"], 16)
+    err = (up - noising_ref["upscaled"]).abs().max().item()
+    assert err < 1e-6, (f"upsample must match IF's F.interpolate(bilinear, align_corners=True): max error {err:.2e}; "
+                        "align_corners=False shifts the image by half a low-res pixel")
+    # align_corners=True keeps the corner pixels exactly
+    assert torch.equal(up[..., 0, 0], noising_ref["x_low"][..., 0, 0])
+    assert torch.equal(up[..., -1, -1], noising_ref["x_low"][..., -1, -1])
+
+
+@pytest.mark.task7_1
+@pytest.mark.parametrize("level", [1, 100, 250, 999])
+def test_noise_augment_matches_if_stage2_add_noise(noising_ref, noising_schedule, level):
+    z_aug, lv = cascade.noise_augment(noising_ref["upscaled"], level, noising_schedule, noise=noising_ref["noise"])
+    expected = noising_ref[f"augmented_{level}"]
+    err = (z_aug - expected).abs().max().item()
+    a = noising_schedule.alphas_cumprod[level].sqrt().item()
+    assert err < 1e-5, (f"at IF noise level {level}, z_aug = alpha x_up + sigma eps with alpha = sqrt(alpha_bar[{level}]) "
+                        f"= {a:.5f} of the squaredcos_cap_v2 image_noising_scheduler (diffusers' add_noise); "
+                        f"max error {err:.2e}")
+    assert lv.dtype == torch.long and lv.tolist() == [level, level], \
+        f"the level to pass to the SR U-Net must be a LongTensor [B] of {level}, got {lv}"
+
+
+@pytest.mark.task7_1
+def test_noise_augment_level_zero_returns_clean_image(noising_ref, noising_schedule):
+    x_up = noising_ref["upscaled"]
+    z_aug, _ = cascade.noise_augment(x_up, 0, noising_schedule, noise=noising_ref["noise"])
+    assert torch.equal(z_aug, x_up), "level 0 means no augmentation: the upscaled image must come back unchanged"
+
+
+@pytest.mark.task7_1
+def test_noise_augment_per_sample_levels_for_fine_tuning(noising_ref, noising_schedule):
+    x_up, noise = noising_ref["upscaled"], noising_ref["noise"]
+    z_aug, lv = cascade.noise_augment(x_up, torch.tensor([0, 250]), noising_schedule, noise=noise)
+    assert torch.equal(z_aug[0], x_up[0]), "sample 0 has level 0 and must stay clean"
+    err = (z_aug[1] - noising_ref["augmented_250"][1]).abs().max().item()
+    assert err < 1e-5, f"sample 1 has level 250 and must match diffusers' add_noise at 250; max error {err:.2e}"
+
+
+def test_noise_augment_draws_from_generator_and_checks_range(noising_ref, noising_schedule):
+    x_up = noising_ref["upscaled"]
+    a, _ = cascade.noise_augment(x_up, 250, noising_schedule, generator=torch.Generator().manual_seed(3))
+    b, _ = cascade.noise_augment(x_up, 250, noising_schedule, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b), "the same generator seed must give the same augmentation"
+    with pytest.raises(ValueError, match="0..999"):
+        cascade.noise_augment(x_up, 1000, noising_schedule)
+
+
+@pytest.mark.task7_2
+@pytest.mark.parametrize("t,k", [(0.0, 0), (1e-5, 0), (1e-3, 1), (0.25, 250), (1.0, 999)])
+def test_level_from_continuous(t, k):
+    got = cascade.level_from_continuous(t, 1000)
+    assert got == k and isinstance(got, int), \
+        f"the paper's continuous level t = {t} is IF's step round(t * 1000) = {k} (clamped to 999), got {got!r}"
+
+
+@pytest.mark.task7_2
+@pytest.mark.parametrize("k", [0, 1, 250, 999])
+def test_continuous_from_level_inverts_the_mapping(k):
+    t = cascade.continuous_from_level(k, 1000)
+    assert t == pytest.approx(k / 1000), f"IF step {k} is continuous t = {k} / 1000, got {t}"
+    assert cascade.level_from_continuous(t, 1000) == k, "the two mappings must be inverse on IF's grid"
+
+
+def test_level_mapping_refuses_out_of_range():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        cascade.level_from_continuous(1.5)
+    with pytest.raises(ValueError, match="0..999"):
+        cascade.continuous_from_level(1000)
+
+
+def test_table_step_is_continuous_cosine_one_step_later(noising_schedule):
+    """The docstring's claim: the table's alpha_bar[k] is the continuous cosine alpha_bar((k + 1) / T)."""
+    from tinybooth.schedule import cosine_alpha_sigma
+    for k in (0, 249, 250):
+        alpha, _ = cosine_alpha_sigma((k + 1) / 1000)
+        assert abs(alpha.item() ** 2 - noising_schedule.alphas_cumprod[k].item()) < 1e-6

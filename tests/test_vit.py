@@ -3,7 +3,6 @@ tests/reference/make_vit_fixtures.py), plus the published parameter counts of th
 import json
 
 import numpy as np
-
 import pytest
 import torch
 from PIL import Image

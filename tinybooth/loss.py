@@ -26,6 +26,11 @@ import torch
 from .schedule import v_from
 
 
+def _loss_dtype(tensor):
+    """float32, or float64 for float64 inputs: half-precision network outputs are upcast before squaring."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 def _reduce(per_sample, reduction):
     if reduction == "mean":
         return per_sample.mean()
@@ -41,8 +46,9 @@ def denoising_loss(x_hat, x, w_t, reduction="mean"):
     """
     # BEGIN ASSIGN 2.1
     # HINT: per_sample = w_t * ((x_hat - x) ** 2).mean over every dim but the batch; then _reduce(per_sample, reduction)
-    squared_error = ((x_hat.float() - x.float()) ** 2).flatten(1).mean(dim=1)  # [B]
-    per_sample = torch.as_tensor(w_t, dtype=torch.float32, device=x.device).reshape(-1) * squared_error  # [B]
+    dtype = _loss_dtype(x_hat)
+    squared_error = ((x_hat.to(dtype) - x.to(dtype)) ** 2).flatten(1).mean(dim=1)  # [B]
+    per_sample = torch.as_tensor(w_t, dtype=dtype, device=x.device).reshape(-1) * squared_error  # [B]
     # END ASSIGN 2.1
     return _reduce(per_sample, reduction)
 
@@ -67,7 +73,7 @@ def diffusion_loss(model_out, x, eps, z_t, t, schedule, reduction="mean"):
     model_out are used, so IF's 2C-channel output (eps + learned variance) works; like the public fine-tuning scripts,
     the variance half gets no loss. model_out: [B, C or 2C, H, W]; x, eps, z_t: [B, C, H, W] with
     z_t = schedule.q_sample(x, t, eps) the network's input (checked for shape only); t: LongTensor [B].
-    Computed in float32. Returns the batch mean, or [B] with reduction="none".
+    Computed in float32 (float64 for float64 inputs). Returns the batch mean, or [B] with reduction="none".
     """
     C = x.shape[1]
     if model_out.shape[0] != x.shape[0] or model_out.shape[2:] != z_t.shape[2:] or model_out.shape[1] not in (C, 2 * C):
@@ -76,15 +82,15 @@ def diffusion_loss(model_out, x, eps, z_t, t, schedule, reduction="mean"):
     pred = model_out[:, :C]  # drop a learned-variance half
     # BEGIN ASSIGN 2.3
     # HINT: target = eps (epsilon), v_from(x, eps, alpha_t, sigma_t) (v_prediction) or x (sample); per-sample mean squared error in float32
-    kind = schedule.prediction_type
+    kind, dtype = schedule.prediction_type, _loss_dtype(pred)
     if kind == "epsilon":
         target = eps
     elif kind == "v_prediction":
         alpha_t, sigma_t = schedule.alpha_sigma(t.to(x.device), x.ndim)
-        target = v_from(x.float(), eps.float(), alpha_t.to(x.device), sigma_t.to(x.device))
+        target = v_from(x, eps, alpha_t.to(x.device, dtype), sigma_t.to(x.device, dtype))
     else:  # "sample"
         target = x
-    per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(dim=1)  # [B]
+    per_sample = ((pred.to(dtype) - target.to(dtype)) ** 2).flatten(1).mean(dim=1)  # [B]
     # END ASSIGN 2.3
     return _reduce(per_sample, reduction)
 

@@ -161,6 +161,7 @@ class DiscreteSchedule:
 
     Attributes: config (the public dict with diffusers' defaults filled in), num_train_timesteps, prediction_type,
     betas, alphas (= 1 - betas), alphas_cumprod (= alpha_bar_t): float32 tensors [T] on the CPU.
+    The betas come from beta_schedule, or verbatim from the config's trained_betas list when it has one.
     Samplers read the inference settings (variance_type, clip_sample, thresholding, ...) from `config`.
     """
 
@@ -168,8 +169,11 @@ class DiscreteSchedule:
         self.config = config
         self.num_train_timesteps = config["num_train_timesteps"]
         self.prediction_type = config["prediction_type"]
-        self.betas = make_betas(config["beta_schedule"], self.num_train_timesteps,
-                                config["beta_start"], config["beta_end"])  # [T]
+        if config["trained_betas"] is not None:  # betas listed in the file itself
+            self.betas = torch.tensor(config["trained_betas"], dtype=torch.float32)  # [T]
+        else:
+            self.betas = make_betas(config["beta_schedule"], self.num_train_timesteps,
+                                    config["beta_start"], config["beta_end"])  # [T]
         self.alphas = 1.0 - self.betas  # [T]
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # [T], alpha_bar_t = prod_{s<=t} (1 - beta_s)
 
@@ -184,9 +188,9 @@ class DiscreteSchedule:
             if config[key] not in allowed:
                 raise ValueError(f"scheduler config: {key} = '{config[key]}' is not supported; "
                                  f"use one of {allowed}")
-        if config["trained_betas"] is not None:
-            raise ValueError("scheduler config: trained_betas is set; tinybooth builds betas from beta_schedule "
-                             "only. Remove trained_betas (set it to null) and name the schedule instead")
+        if config["trained_betas"] is not None and len(config["trained_betas"]) != config["num_train_timesteps"]:
+            raise ValueError(f"scheduler config: trained_betas has {len(config['trained_betas'])} values but "
+                             f"num_train_timesteps = {config['num_train_timesteps']}; they must agree")
         if config["rescale_betas_zero_snr"]:
             raise ValueError("scheduler config: rescale_betas_zero_snr = true is not supported; set it to false")
         if not (isinstance(config["num_train_timesteps"], int) and config["num_train_timesteps"] > 0):

@@ -256,8 +256,9 @@ class MidBlock(Block):
         if_style = kind == "added_kv"
         self.resnets = nn.ModuleList(make_resnet(cfg, ch, ch, temb_dim, if_style, cfg.mid_block_scale_factor)
                                      for _ in range(2))
-        self.attentions = nn.ModuleList([make_attention(cfg, kind, ch, head_setting, cross_dim, only_cross,
-                                                        transformer_layers)])
+        # (the reference's SD mid block ignores only_cross_attention)
+        self.attentions = nn.ModuleList([make_attention(cfg, kind, ch, head_setting, cross_dim,
+                                                        if_style and only_cross, transformer_layers)])
 
     def forward(self, x, emb, c, text_bias):
         x = self.run(self.resnets[0], x, emb)

@@ -99,3 +99,68 @@ def test_table_step_is_continuous_cosine_one_step_later(noising_schedule):
     for k in (0, 249, 250):
         alpha, _ = cosine_alpha_sigma((k + 1) / 1000)
         assert abs(alpha.item() ** 2 - noising_schedule.alphas_cumprod[k].item()) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the stages against diffusers' pipelines on tiny random U-Nets (same text embeddings, same seeds)
+
+@pytest.fixture(scope="module")
+def pipes():
+    import json
+    from tinybooth.unet import UNet
+    from tinybooth.vae import AutoencoderKL
+    d = NOISING
+    return dict(
+        ref=load_file(str(d / "pipelines.safetensors")), meta=json.loads((d / "meta.json").read_text())["pipelines"],
+        if1=UNet.from_pretrained(d / "if1" / "unet"), if2=UNet.from_pretrained(d / "if2" / "unet"),
+        sd=UNet.from_pretrained(d / "sd" / "unet"), vae=AutoencoderKL.from_pretrained(d / "sd" / "vae"),
+        if1_sched=DiscreteSchedule.from_pretrained(d / "if1" / "scheduler"),
+        if2_sched=DiscreteSchedule.from_pretrained(d / "if2" / "scheduler"),
+        noising=DiscreteSchedule.from_pretrained(d / "if2" / "image_noising_scheduler"),
+        sd_sched=DiscreteSchedule.from_pretrained(d / "sd" / "scheduler"))
+
+
+def close(got, expected, what, tol=1e-4):
+    assert got.shape == expected.shape, f"{what}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}"
+    err = (got - expected).abs().max().item()
+    assert err < tol, f"{what}: max |tinybooth - diffusers| = {err:.2e} > {tol}"
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_stage1_matches_if_pipeline(pipes, sampler):
+    run, ref = pipes["meta"][f"if1_{sampler}"], pipes["ref"]
+    x = cascade.sample_base(pipes["if1"], pipes["if1_sched"], ref["c"], ref["c_uncond"],
+                            guidance=run["guidance_scale"], num_steps=run["num_inference_steps"], sampler=sampler,
+                            generator=torch.Generator().manual_seed(run["seed"]))
+    close(x, ref[f"if1_{sampler}"], f"IF stage I ({sampler}, CFG {run['guidance_scale']} on the eps half, "
+                                    "variance from the conditional branch, dynamic thresholding)")
+
+
+@pytest.mark.parametrize("level", [250, 100])
+def test_stage2_matches_if_superresolution_pipeline(pipes, level):
+    run, ref = pipes["meta"][f"if2_level{level}"], pipes["ref"]
+    x = cascade.sample_super_resolution(pipes["if2"], pipes["if2_sched"], pipes["noising"], ref["if1_ancestral"],
+                                        ref["c"], ref["c_uncond"], noise_level=level,
+                                        guidance=run["guidance_scale"], num_steps=run["num_inference_steps"],
+                                        generator=torch.Generator().manual_seed(run["seed"]))
+    close(x, ref[f"if2_level{level}"], f"IF stage II at noise level {level} (upsample, noise_augment, "
+                                       "concat with z_t, noise level as class label; draws: z_T, aug noise, steps)")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
+def test_latent_path_matches_stable_diffusion_pipeline(pipes, sampler):
+    run, ref = pipes["meta"][f"sd_{sampler}"], pipes["ref"]
+    x = cascade.sample_latent(pipes["sd"], pipes["vae"], pipes["sd_sched"], ref["c"], ref["c_uncond"],
+                              guidance=run["guidance_scale"], num_steps=run["num_inference_steps"], sampler=sampler,
+                              generator=torch.Generator().manual_seed(run["seed"]))
+    close((x / 2 + 0.5).clamp(0, 1), ref[f"sd_{sampler}"],
+          f"SD latent path ({sampler}): latents at 1/{pipes['vae'].downscale} res, decode(z_0 / scale)")
+
+
+def test_guidance_one_is_the_conditional_prediction(pipes):
+    ref, unet = pipes["ref"], pipes["if1"]
+    z, t = torch.randn(2, 3, 8, 8), torch.tensor([500, 500])
+    guided = cascade.guided_denoiser(unet, ref["c"], ref["c_uncond"], 1.0, 3)(z, t)
+    with torch.no_grad():
+        cond = unet(z, t, ref["c"])
+    close(guided, cond, "guidance 1: eps = eps_uncond + 1 (eps_cond - eps_uncond) = eps_cond", tol=1e-6)

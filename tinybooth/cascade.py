@@ -35,8 +35,17 @@ paper's 1e-5 at all: its finest non-zero level (sigma 0.0064 at k = 0) is ten ti
 image at level 0 (diffusers' pipeline would still add sigma = 0.0064 noise there). Every other k gives diffusers'
 `image_noising_scheduler.add_noise` bit for bit.
 """
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .samplers import classifier_free_guidance, sample
 
 IF_NOISE_LEVEL = 250  # IF stage II's default augmentation step (of 1000), diffusers' IFSuperResolutionPipeline
 
@@ -103,3 +112,181 @@ def noise_augment(x_up, level, noising_schedule, noise=None, generator=None):
     z_aug = torch.where(clean, x_up, z_aug)
     # END ASSIGN 7.1
     return z_aug, level
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts: encode once, cache on disk, never hold the text encoder next to the U-Nets
+
+def default_cache_dir():
+    """$TINYBOOTH_CACHE/text_embeddings, by default ~/.cache/tinybooth/text_embeddings."""
+    return Path(os.environ.get("TINYBOOTH_CACHE", Path.home() / ".cache" / "tinybooth")) / "text_embeddings"
+
+
+def text_model_key(text_encoder_dir):
+    """A short id of a text encoder's files: its config.json and the names and sizes of its weight files.
+
+    Cheap (no 10 GB hashing) yet it changes when the weights are replaced by other ones or re-downloaded in
+    another precision; the directory's absolute path is part of it too.
+    """
+    d = Path(text_encoder_dir).resolve()
+    h = hashlib.sha256(str(d).encode())
+    config = d / "config.json"
+    h.update(config.read_bytes() if config.exists() else b"")
+    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_file(cache_dir, text, model_key, max_length):
+    key = hashlib.sha256(json.dumps([text, model_key, max_length]).encode()).hexdigest()
+    return Path(cache_dir) / f"{key}.safetensors"
+
+
+def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, device=None, dtype=None):
+    """Text embeddings c [B, L, D] and their token mask [B, L] (1 = token, 0 = padding) for a list of prompts.
+
+    model_dir holds text_encoder/ and tokenizer/ (a public pipeline directory). family: "if" (T5 v1.1; texts
+    lower-cased and stripped as IF's pipeline does) or "sd" (CLIP). Each text's embedding is cached in cache_dir
+    under sha256(text, text_model_key, max_length); when every text is cached the encoder is not even loaded.
+    Otherwise it is loaded once (device, dtype: run T5 in bf16 or fp32, never fp16), encodes the missing texts,
+    and is freed before returning. Returns float32 tensors on the CPU.
+    """
+    from .text import CLIPTextEncoder, CLIPTokenizer, T5Encoder, T5Tokenizer
+    if family not in ("if", "sd"):
+        raise ValueError(f"family '{family}' is not supported; use 'if' (T5) or 'sd' (CLIP)")
+    texts = [t.lower().strip() for t in texts] if family == "if" else list(texts)
+    model_dir = Path(model_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    files = [_cache_file(cache_dir, t, text_model_key(model_dir / "text_encoder"), max_length) for t in texts]
+    missing = sorted({t for t, f in zip(texts, files) if not f.exists()})
+    if missing:
+        Encoder, Tokenizer = (T5Encoder, T5Tokenizer) if family == "if" else (CLIPTextEncoder, CLIPTokenizer)
+        tokenizer = Tokenizer.from_pretrained(model_dir / "tokenizer")
+        encoder = Encoder.from_pretrained(model_dir / "text_encoder", dtype=dtype, device=device)
+        ids, mask = tokenizer(missing, max_length=max_length)                  # [M, L] each
+        with torch.no_grad():
+            c = encoder(ids.to(encoder_device(encoder)), attention_mask=mask.to(encoder_device(encoder)))
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for i, text in enumerate(missing):
+            target = _cache_file(cache_dir, text, text_model_key(model_dir / "text_encoder"), max_length)
+            tmp = target.with_suffix(".tmp")
+            save_file({"c": c[i].float().cpu().contiguous(), "mask": mask[i].cpu().contiguous()}, str(tmp),
+                      metadata={"text": text, "max_length": str(max_length)})
+            os.replace(tmp, target)                                            # never a half-written cache entry
+        del encoder, c
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()                                           # T5-XXL must not stay next to the U-Nets
+    entries = [load_file(str(f)) for f in files]
+    return torch.stack([e["c"] for e in entries]), torch.stack([e["mask"] for e in entries])
+
+
+def encoder_device(module):
+    return next(module.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampling one stage: classifier-free guidance around the U-Net, then tinybooth.samplers
+
+def guided_denoiser(unet, c, c_uncond, guidance, out_channels, extra_input=None, noise_level=None, bar=None):
+    """denoise_fn(z_t, t) for samplers.sample: the U-Net on [uncond; cond] with classifier-free guidance.
+
+    c, c_uncond: [B, L, D] text embeddings (c_uncond: the empty prompt's). guidance <= 1 skips the unconditional
+    branch (scale 1 is eps_cond anyway). out_channels: the image's C; a learned-variance half (IF: 6 = 3 + 3) is
+    taken from the conditional branch, unguided, as IF's pipeline does. extra_input [B, C', H, W] is concatenated
+    to z_t on the channels (stage II: the noise-augmented low-res image), noise_level [B] passed alongside.
+    The sampler runs in float32; the U-Net in its own dtype.
+    """
+    dtype, device = next(unet.parameters()).dtype, next(unet.parameters()).device
+    cfg = guidance > 1.0
+    text = torch.cat([c_uncond, c]) if cfg else c                             # [2B or B, L, D]
+    text = text.to(device, dtype)
+    if extra_input is not None:
+        extra_input = torch.cat([extra_input] * 2) if cfg else extra_input
+    if noise_level is not None:
+        noise_level = (torch.cat([noise_level] * 2) if cfg else noise_level).to(device)
+
+    def denoise(z_t, t):                                                      # [B, C, H, W], [B]
+        x_in = torch.cat([z_t] * 2) if cfg else z_t
+        if extra_input is not None:
+            x_in = torch.cat([x_in, extra_input], dim=1)                      # [2B, C + C', H, W]
+        t_in = torch.cat([t] * 2) if cfg else t
+        out = unet(x_in.to(device, dtype), t_in.to(device), text, noise_level=noise_level).float()
+        if bar is not None:
+            bar.update(1)
+        if not cfg:
+            return out
+        out_uncond, out_cond = out.chunk(2)
+        return classifier_free_guidance(out_uncond, out_cond, guidance, channels=out_channels)
+    return denoise
+
+
+def image_size(unet, factor=1):
+    """(H, W) the U-Net was trained at, from config.json's sample_size (an int or [H, W]), times factor."""
+    s = unet.config["sample_size"]
+    h, w = (s, s) if isinstance(s, int) else s
+    return h * factor, w * factor
+
+
+def _run(denoise, schedule, z_T, num_steps, sampler, eta, generator):
+    return sample(denoise, schedule, tuple(z_T.shape), num_steps, sampler=sampler, eta=eta, generator=generator,
+                  z_T=z_T)
+
+
+def _bar(desc, total, progress):
+    return tqdm(total=total, desc=desc, leave=False) if progress else None
+
+
+def sample_base(unet, schedule, c, c_uncond, guidance=7.0, num_steps=100, sampler="ancestral", eta=0.0,
+                generator=None, progress=False):
+    """IF stage I: text -> image [B, 3, s, s] in [-1, 1] (s = the U-Net's sample_size, 64 for IF).
+
+    z_T ~ N(0, I) is drawn first from generator, then the sampler's noise, in the order of diffusers' IFPipeline.
+    """
+    C = unet.config["in_channels"]
+    z_T = torch.randn(c.shape[0], C, *image_size(unet), generator=generator)  # [B, 3, s, s], on the CPU
+    bar = _bar(f"stage I ({image_size(unet)[0]} px)", num_steps, progress)
+    denoise = guided_denoiser(unet, c, c_uncond, guidance, C, bar=bar)
+    x = _run(denoise, schedule, z_T, num_steps, sampler, eta, generator)
+    if bar is not None:
+        bar.close()
+    return x
+
+
+def sample_super_resolution(unet, schedule, noising_schedule, x_low, c, c_uncond, noise_level=IF_NOISE_LEVEL,
+                            guidance=4.0, num_steps=50, sampler="ancestral", eta=0.0, generator=None,
+                            progress=False):
+    """IF stage II: low-res image x_low [B, 3, h, w] + text -> [B, 3, S, S] (S = the SR U-Net's sample_size).
+
+    x_up = upsample(x_low, S); z_aug = noise_augment(x_up, noise_level); each step the U-Net sees
+    concat(z_t, z_aug) (6 channels) and noise_level. Draw order as diffusers' IFSuperResolutionPipeline: z_T,
+    the augmentation noise, then the sampler's noise.
+    """
+    C = unet.config["in_channels"] // 2                                        # 6 = z_t (3) + z_aug (3)
+    size = image_size(unet)
+    z_T = torch.randn(x_low.shape[0], C, *size, generator=generator)          # [B, 3, S, S]
+    x_up = upsample(x_low.float().cpu(), size)                                 # [B, 3, S, S]
+    z_aug, level = noise_augment(x_up, noise_level, noising_schedule, generator=generator)
+    device = next(unet.parameters()).device
+    bar = _bar(f"stage II ({size[0]} px, noise level {noise_level})", num_steps, progress)
+    denoise = guided_denoiser(unet, c, c_uncond, guidance, C, extra_input=z_aug.to(device), noise_level=level,
+                              bar=bar)
+    x = _run(denoise, schedule, z_T, num_steps, sampler, eta, generator)
+    if bar is not None:
+        bar.close()
+    return x
+
+
+def sample_latent(unet, vae, schedule, c, c_uncond, guidance=7.5, num_steps=50, sampler="ddim", eta=0.0,
+                  generator=None, progress=False):
+    """Stable Diffusion: text -> latents z_0 [B, 4, s, s] -> images D(z_0 / scale) [B, 3, 8s, 8s] in [-1, 1]."""
+    C = unet.config["in_channels"]
+    size = image_size(unet)
+    z_T = torch.randn(c.shape[0], C, *size, generator=generator)               # [B, 4, s, s]
+    bar = _bar(f"latents ({size[0]}x{size[1]}, 1/{vae.downscale} of the image)", num_steps, progress)
+    z_0 = _run(guided_denoiser(unet, c, c_uncond, guidance, C, bar=bar), schedule, z_T, num_steps, sampler, eta,
+               generator)
+    if bar is not None:
+        bar.close()
+    vae_param = next(vae.parameters())
+    with torch.no_grad():
+        return vae.images_from_latents(z_0.to(vae_param.device, vae_param.dtype)).float()

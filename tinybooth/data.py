@@ -130,11 +130,16 @@ def load_instance_images(directory, resolution):
     return load_images(list_images(directory), resolution)
 
 
+def to_uint8(x):
+    """Images [N, 3, H, W] in [-1, 1] -> uint8 array [N, H, W, 3] (clamped), for PNGs and plots."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def save_image(x, path):
     """[3, H, W] in [-1, 1] -> 8-bit PNG (written to a temporary name, then renamed, so a half-written file never
     looks finished: the class-image cache relies on that)."""
     path = Path(path)
-    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    arr = to_uint8(x[None])[0]
     tmp = path.with_name(path.name + ".tmp")
     Image.fromarray(arr).save(tmp, format="PNG")
     tmp.replace(path)

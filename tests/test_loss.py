@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from tinybooth.loss import denoising_loss, diffusion_loss, prior_preservation_loss, snr_weight_for_eps_loss
-from tinybooth.schedule import predict_x_and_eps
 
 from test_schedule import FORWARD, assert_close, reference_schedule
 
@@ -15,8 +14,14 @@ def noisy_batch(schedule, dtype=torch.float64):
     g = torch.Generator().manual_seed(3)
     x, eps = FORWARD["x"].to(dtype), FORWARD["eps"].to(dtype)
     delta = 0.1 * torch.randn(x.shape, generator=g, dtype=dtype)
-    z_t = schedule.q_sample(x, T_BATCH, eps)
+    alpha_t, sigma_t = schedule.alpha_sigma(T_BATCH)
+    z_t = alpha_t.to(dtype) * x + sigma_t.to(dtype) * eps  # written out so that these tests do not need Task 1.2
     return x, eps, eps + delta, z_t
+
+
+def eq1(x_hat, x, w_t):
+    """w_t * mean((x_hat - x)^2) per sample, written out so that these tests do not need Task 2.1."""
+    return w_t.flatten() * ((x_hat - x) ** 2).flatten(1).mean(1)
 
 
 @pytest.mark.task2_1
@@ -40,13 +45,14 @@ def test_snr_weight_makes_eq1_equal_to_eps_mse(name):
     schedule = reference_schedule(name)
     x, eps, eps_hat, z_t = noisy_batch(schedule)
     alpha_t, sigma_t = schedule.alpha_sigma(T_BATCH)
-    x_hat, _ = predict_x_and_eps(eps_hat, z_t, alpha_t.double(), sigma_t.double(), "epsilon")
-    w_t = snr_weight_for_eps_loss(alpha_t.double(), sigma_t.double())
+    alpha_t, sigma_t = alpha_t.double(), sigma_t.double()
+    x_hat = (z_t - sigma_t * eps_hat) / alpha_t
+    w_t = snr_weight_for_eps_loss(alpha_t, sigma_t)
     assert torch.allclose(w_t.flatten(), (schedule.alphas_cumprod[T_BATCH] / (1 - schedule.alphas_cumprod[T_BATCH])).double(),
                           rtol=1e-5), "w_t must be the SNR alpha_t^2 / sigma_t^2 = alpha_bar_t / (1 - alpha_bar_t)"
-    eq1 = denoising_loss(x_hat, x, w_t, reduction="none")
+    weighted = eq1(x_hat, x, w_t)
     eps_mse = ((eps_hat - eps) ** 2).flatten(1).mean(1)
-    assert_close(eq1, eps_mse, 1e-6 * float(eps_mse.max()), f"eq. (1) with w_t = SNR vs the eps-MSE ({name})")
+    assert_close(weighted, eps_mse, 1e-6 * float(eps_mse.max()), f"eq. (1) with w_t = SNR vs the eps-MSE ({name})")
 
 
 @pytest.mark.task2_3
@@ -59,8 +65,8 @@ def test_diffusion_loss_is_eq1_with_the_matching_weight(prediction_type, weight)
     out = {"epsilon": eps_hat, "sample": x_hat, "v_prediction": alpha_t * eps_hat - sigma_t * x_hat}[prediction_type]
     w_t = {"snr": alpha_t ** 2 / sigma_t ** 2, "snr+1": 1 / sigma_t ** 2, "1": torch.ones_like(alpha_t)}[weight]
     loss = diffusion_loss(out, x, eps, z_t, T_BATCH, schedule, reduction="none")
-    eq1 = denoising_loss(x_hat, x, w_t, reduction="none")
-    assert_close(loss, eq1, 1e-4 * float(eq1.max()),
+    weighted = eq1(x_hat, x, w_t)
+    assert_close(loss, weighted, 1e-4 * float(weighted.max()),
                  f"{prediction_type} target MSE vs eq. (1) with w_t = {weight}")
 
 

@@ -135,22 +135,28 @@ def test_x_eps_conversions_invert_the_forward_process():
     assert_close(eps_from_x(z_t, x, alpha_t, sigma_t), eps, 1e-12, "eps = (z_t - alpha_t x) / sigma_t")
 
 
-@pytest.mark.task1_4
 @pytest.mark.parametrize("name", ["linear", "squaredcos_cap_v2"])
-def test_v_matches_reference_get_velocity_and_inverts(name):
+def test_v_matches_reference_get_velocity(name):
     s = reference_schedule(name)
-    x, eps = FORWARD["x"], FORWARD["eps"]
     alpha_t, sigma_t = s.alpha_sigma(FORWARD["t"])
-    v = v_from(x, eps, alpha_t, sigma_t)
-    assert_close(v, FORWARD[f"{name}.v"], 1e-6, f"v = alpha_t eps - sigma_t x ({name})")
-    z_t = FORWARD[f"{name}.z_t"]
-    assert_close(x_from_v(z_t, v, alpha_t, sigma_t), x, 1e-5, "x = alpha_t z_t - sigma_t v")
-    assert_close(eps_from_v(z_t, v, alpha_t, sigma_t), eps, 1e-5, "eps = sigma_t z_t + alpha_t v")
+    assert_close(v_from(FORWARD["x"], FORWARD["eps"], alpha_t, sigma_t), FORWARD[f"{name}.v"], 1e-6,
+                 f"v = alpha_t eps - sigma_t x ({name})")
 
 
-@pytest.mark.task1_3
-@pytest.mark.task1_4
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("name", ["linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("func, expected", [pytest.param(x_from_v, "x", marks=pytest.mark.task1_4, id="x_from_v"),
+                                            pytest.param(eps_from_v, "eps", marks=pytest.mark.task1_5, id="eps_from_v")])
+def test_v_conversions_invert_reference_velocity(name, func, expected):
+    s = reference_schedule(name)
+    alpha_t, sigma_t = s.alpha_sigma(FORWARD["t"])
+    z_t, v = FORWARD[f"{name}.z_t"], FORWARD[f"{name}.v"]  # diffusers' add_noise and get_velocity
+    formula = {"x": "x = alpha_t z_t - sigma_t v", "eps": "eps = sigma_t z_t + alpha_t v"}[expected]
+    assert_close(func(z_t, v, alpha_t, sigma_t), FORWARD[expected], 1e-5, f"{formula} ({name})")
+
+
+@pytest.mark.parametrize("prediction_type", [pytest.param("epsilon", marks=pytest.mark.task1_3), "sample",
+                                             pytest.param("v_prediction", marks=[pytest.mark.task1_4,
+                                                                                 pytest.mark.task1_5])])
 def test_predict_x_and_eps_agrees_for_every_parameterisation(prediction_type):
     x, eps = FORWARD["x"].double(), FORWARD["eps"].double()
     alpha_t, sigma_t = torch.tensor(0.3, dtype=torch.float64), (1 - torch.tensor(0.09, dtype=torch.float64)).sqrt()
@@ -161,7 +167,7 @@ def test_predict_x_and_eps_agrees_for_every_parameterisation(prediction_type):
     assert_close(eps_hat, eps, 1e-10, f"eps_hat from a {prediction_type} output")
 
 
-@pytest.mark.task1_5
+@pytest.mark.task1_6
 def test_cosine_continuous_time_matches_discrete_squaredcos_schedule():
     T = 1000
     t = (torch.arange(T - 1) + 1) / T  # alphas_cumprod[i] = alpha_bar((i + 1) / T) until the cap bites at i = T - 1

@@ -60,12 +60,12 @@ def cosine_alpha_sigma(t, s=COSINE_OFFSET):
     beta cap (0.999) has not bitten, i.e. for all but the last step.
     """
     t = torch.as_tensor(t, dtype=torch.float64)
-    # BEGIN ASSIGN 1.5
+    # BEGIN ASSIGN 1.6
     # HINT: alpha_bar(t) = f(t) / f(0) with f(t) = cos^2((t + s) / (1 + s) * pi / 2); return (sqrt(alpha_bar), sqrt(1 - alpha_bar))
     f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = (f(t) / f(torch.zeros_like(t))).clamp(0.0, 1.0)
     return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    # END ASSIGN 1.5
+    # END ASSIGN 1.6
 
 
 def log_snr(alpha_t, sigma_t):
@@ -86,34 +86,28 @@ def x_from_eps(z_t, eps, alpha_t, sigma_t):
 
 def eps_from_x(z_t, x, alpha_t, sigma_t):
     """eps = (z_t - alpha_t x) / sigma_t   (invert z_t = alpha_t x + sigma_t eps for eps)"""
-    # BEGIN ASSIGN 1.3
-    # HINT: eps = (z_t - alpha_t * x) / sigma_t
     return (z_t - alpha_t * x) / sigma_t
-    # END ASSIGN 1.3
 
 
 def v_from(x, eps, alpha_t, sigma_t):
     """v = alpha_t eps - sigma_t x, the "velocity" target (Salimans & Ho 2022; SD 2.x 768 px)."""
-    # BEGIN ASSIGN 1.4
-    # HINT: v = alpha_t * eps - sigma_t * x
     return alpha_t * eps - sigma_t * x
-    # END ASSIGN 1.4
 
 
 def x_from_v(z_t, v, alpha_t, sigma_t):
     """x = alpha_t z_t - sigma_t v   (uses alpha_t^2 + sigma_t^2 = 1)"""
     # BEGIN ASSIGN 1.4
-    # HINT: x = alpha_t * z_t - sigma_t * v
+    # HINT: put z_t = alpha_t x + sigma_t eps and v = alpha_t eps - sigma_t x into alpha_t z_t - sigma_t v; use alpha_t^2 + sigma_t^2 = 1
     return alpha_t * z_t - sigma_t * v
     # END ASSIGN 1.4
 
 
 def eps_from_v(z_t, v, alpha_t, sigma_t):
     """eps = sigma_t z_t + alpha_t v   (uses alpha_t^2 + sigma_t^2 = 1)"""
-    # BEGIN ASSIGN 1.4
-    # HINT: eps = sigma_t * z_t + alpha_t * v
+    # BEGIN ASSIGN 1.5
+    # HINT: put z_t = alpha_t x + sigma_t eps and v = alpha_t eps - sigma_t x into sigma_t z_t + alpha_t v; use alpha_t^2 + sigma_t^2 = 1
     return sigma_t * z_t + alpha_t * v
-    # END ASSIGN 1.4
+    # END ASSIGN 1.5
 
 
 def predict_x_and_eps(model_out, z_t, alpha_t, sigma_t, prediction_type):

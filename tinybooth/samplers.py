@@ -12,7 +12,7 @@ DDPM ancestral step (Ho et al. 2020), a draw from the posterior q(z_s | z_t, x =
          | beta                                          ("fixed_large")
          | exp(frac log beta + (1 - frac) log var_small), frac = (v + 1) / 2, v in [-1, 1] the network's second
            half of channels                             ("learned_range", Nichol & Dhariwal 2021; IF's 6 channels)
-    z_s  = mean + sqrt(var) noise   (no noise when t = 0)
+    z_s  = mean + sqrt(var) noise   (no noise on the last step, s = -1)
 
 DDIM step (Song et al. 2021), deterministic for eta = 0:
     sigma_eta^2 = eta^2 (1 - alpha_bar_s) / (1 - alpha_bar_t) (1 - alpha_bar_t / alpha_bar_s)
@@ -81,11 +81,11 @@ def classifier_free_guidance(out_uncond, out_cond, scale, channels=None):
     # END ASSIGN 3.3
 
 
-def _alpha_bar(schedule, t, final, like):
-    """alpha_bar_t as a 0-d tensor on like's device; `final` (a float) for t < 0, i.e. past the last step."""
-    t = int(t)
-    value = schedule.alphas_cumprod[t] if t >= 0 else torch.tensor(final)
-    return value.to(like.device)
+def _alpha_bars(schedule, t, t_prev, final, device):
+    """(alpha_bar_t, alpha_bar_s) as 0-d float32 tensors; alpha_bar_s = `final` when t_prev < 0 (after the last step)."""
+    alphas_cumprod = schedule.alphas_cumprod
+    alpha_bar_s = alphas_cumprod[int(t_prev)] if int(t_prev) >= 0 else torch.tensor(final)
+    return alphas_cumprod[int(t)].to(device), alpha_bar_s.to(device)
 
 
 def _noise(noise, generator, like):
@@ -119,8 +119,8 @@ def ddim_step(model_out, t, t_prev, z_t, schedule, eta=0.0, noise=None, generato
     z_t: [B, C, H, W]; noise (used only when eta > 0) like z_t.
     """
     cfg = schedule.config
-    alpha_bar_t = _alpha_bar(schedule, t, None, z_t)
-    alpha_bar_s = _alpha_bar(schedule, t_prev, 1.0 if cfg["set_alpha_to_one"] else float(schedule.alphas_cumprod[0]), z_t)
+    final = 1.0 if cfg["set_alpha_to_one"] else float(schedule.alphas_cumprod[0])
+    alpha_bar_t, alpha_bar_s = _alpha_bars(schedule, t, t_prev, final, z_t.device)
     x_hat, eps_hat = _x_and_eps(model_out, z_t, alpha_bar_t, cfg)
     # BEGIN ASSIGN 3.1
     # HINT: var = (1 - alpha_bar_s) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_s); std = eta * sqrt(var); z_s = sqrt(alpha_bar_s) x_hat + sqrt(1 - alpha_bar_s - std^2) eps_hat (+ std * noise if eta > 0)
@@ -141,7 +141,9 @@ def ancestral_step(model_out, t, t_prev, z_t, schedule, noise=None, generator=No
         mean = sqrt(alpha_bar_s) beta / (1 - alpha_bar_t) x_hat + sqrt(1 - beta) (1 - alpha_bar_s) / (1 - alpha_bar_t) z_t
         var  = fixed_small: (1 - alpha_bar_s) / (1 - alpha_bar_t) beta (clamped to >= 1e-20); fixed_large: beta;
                learned_range: exp(frac log beta + (1 - frac) log var_small), frac = (v + 1) / 2
-        z_s  = mean + sqrt(var) noise, with no noise when t = 0
+        z_s  = mean + sqrt(var) noise, with no noise on the last step (t_prev = -1: alpha_bar_s = 1, var_small = 0)
+    (diffusers adds noise whenever t > 0, so a grid ending at t = 1 (steps_offset 1) gets sqrt(1e-20) noise there;
+    the difference is below 1e-9 for the public configs.)
     The variance type, prediction type and clipping/thresholding come from schedule.config. model_out:
     [B, C, H, W], or [B, 2C, H, W] = (prediction, v) for learned_range (IF); z_t and noise: [B, C, H, W].
     """
@@ -150,15 +152,14 @@ def ancestral_step(model_out, t, t_prev, z_t, schedule, noise=None, generator=No
     if cfg["variance_type"] == "learned_range" and model_out.shape[1] != 2 * C:
         raise ValueError(f"variance_type learned_range needs model_out with 2 x {C} channels (prediction + "
                          f"variance interpolation v), got {model_out.shape[1]}")
-    alpha_bar_t = _alpha_bar(schedule, t, None, z_t)
-    alpha_bar_s = _alpha_bar(schedule, t_prev, 1.0, z_t)
+    alpha_bar_t, alpha_bar_s = _alpha_bars(schedule, t, t_prev, 1.0, z_t.device)
     x_hat, _ = _x_and_eps(model_out, z_t, alpha_bar_t, cfg)
     # BEGIN ASSIGN 3.2
-    # HINT: beta = 1 - alpha_bar_t / alpha_bar_s; mean = sqrt(alpha_bar_s) * beta / (1 - alpha_bar_t) * x_hat + sqrt(1 - beta) * (1 - alpha_bar_s) / (1 - alpha_bar_t) * z_t; var_small = clamp((1 - alpha_bar_s) / (1 - alpha_bar_t) * beta, min=1e-20); pick var by variance_type; add sqrt(var) * noise if t > 0
+    # HINT: beta = 1 - alpha_bar_t / alpha_bar_s; mean = sqrt(alpha_bar_s) * beta / (1 - alpha_bar_t) * x_hat + sqrt(1 - beta) * (1 - alpha_bar_s) / (1 - alpha_bar_t) * z_t; var_small = clamp((1 - alpha_bar_s) / (1 - alpha_bar_t) * beta, min=1e-20); pick var by variance_type; add sqrt(var) * noise unless t_prev < 0 (the last step)
     beta = 1 - alpha_bar_t / alpha_bar_s
     mean = (alpha_bar_s ** 0.5 * beta / (1 - alpha_bar_t)) * x_hat \
         + ((1 - beta) ** 0.5 * (1 - alpha_bar_s) / (1 - alpha_bar_t)) * z_t
-    if int(t) == 0:
+    if int(t_prev) < 0:  # the last step: q(x | z_t, x_hat) is a point mass, no noise
         return mean
     var_small = ((1 - alpha_bar_s) / (1 - alpha_bar_t) * beta).clamp(min=1e-20)  # the true posterior variance
     if cfg["variance_type"] == "fixed_small":

@@ -83,10 +83,7 @@ def continuous_from_level(k, num_train_timesteps=1000):
     """IF's discrete step k as the paper's continuous level t = k / T (the inverse of level_from_continuous)."""
     if not 0 <= k < num_train_timesteps:
         raise ValueError(f"noise level {k} must be a step in 0..{num_train_timesteps - 1}")
-    # BEGIN ASSIGN 7.2
-    # HINT: t = k / T
     return k / num_train_timesteps
-    # END ASSIGN 7.2
 
 
 def noise_augment(x_up, level, noising_schedule, noise=None, generator=None):

@@ -90,6 +90,18 @@ def test_only_adapters_require_grad_and_the_right_layers_are_wrapped():
 
 
 @pytest.mark.task8_2
+def test_merged_weight_is_w_plus_scaled_b_a():
+    base = nn.Linear(6, 5)
+    layer = lora.LoRALinear(base, rank=2, alpha=3.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    merged = layer.merged_linear()
+    expected = base.weight + 1.5 * layer.lora_B @ layer.lora_A
+    assert isinstance(merged, nn.Linear) and torch.allclose(merged.weight, expected, atol=1e-6), \
+        "merged weight must be W + (alpha / r) B A with alpha=3, r=2 ([out, r] @ [r, in])"
+    assert torch.equal(merged.bias, base.bias), "the bias is not touched by LoRA"
+
+
 def test_merged_equals_unmerged():
     model = Tiny()
     lora.add_lora(model, rank=3, alpha=6)

@@ -292,16 +292,45 @@ def choose_identifier(cfg, tokenizer):
     return rare_tokens.find_rare_identifier(tokenizer, k=1, seed=cfg.seed)
 
 
+def subject_prompt(identifier, class_noun, template="a {}"):
+    """'a sks dog'; with an empty class noun (the paper's "no class noun" ablation) 'a sks'."""
+    return " ".join(template.format(f"{identifier} {class_noun}").split())
+
+
+TOY_PROMPTS = ("a {}", "a {} on a green background", "a {} on a striped yellow background",
+               "a big {} on a dotted purple background", "a small {} on a checkered red background")
+PUBLIC_PROMPTS = ("a {}", "a {} in the jungle", "a {} on the beach", "a {} on top of a wooden floor", "a red {}")
+
+
 def sample_prompts(cfg, identifier):
-    """Prompts of the sample grid: recontextualisation and property changes of the subject, then the bare class."""
-    subject = f"{identifier} {cfg.class_noun}"
-    if cfg.backbone == "toy":
-        ctx = [f"a {subject}", f"a {subject} on a green background", f"a {subject} on a striped yellow background",
-               f"a big {subject} on a dotted purple background", f"a small {subject} on a checkered red background"]
-    else:
-        ctx = [f"a {subject}", f"a {subject} in the jungle", f"a {subject} on the beach",
-               f"a {subject} on top of a wooden floor", f"a red {subject}"]
-    return ctx + [f"a {cfg.class_noun}"]
+    """Prompts of the sample grid: the subject recontextualised and with changed properties, then the bare class
+    prompt (does "a dog" still draw dogs in general, or only the subject?)."""
+    templates = TOY_PROMPTS if cfg.backbone == "toy" else PUBLIC_PROMPTS
+    return [subject_prompt(identifier, cfg.class_noun, t) for t in templates] + [f"a {cfg.class_noun}".strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# text: encode every prompt once (then the encoder can leave the GPU)
+
+def encode_prompts(backbone, prompts, device, frozen_dtype=None, grad=False):
+    """{prompt: embedding [1, L, D]} (77 tokens; the padding is masked inside the encoder only, as IF's and SD's
+    pipelines do). A frozen encoder's embeddings come from cascade.encode_prompts, which caches them on disk and
+    frees the encoder (T5-XXL never sits next to the U-Net); a trained one (backbone.text_encoder) runs here."""
+    if backbone.text_encoder is None:
+        dtype = torch.float32 if frozen_dtype in (None, torch.float16) else frozen_dtype  # T5 overflows in fp16
+        c, _ = cascade.encode_prompts(prompts, backbone.path, backbone.kind, max_length=MAX_TEXT_LENGTH,
+                                      device=device, dtype=dtype)
+        return {p: c[i:i + 1].to(device) for i, p in enumerate(prompts)}
+    texts = [p.lower().strip() for p in prompts] if backbone.kind == "if" else prompts  # as cascade does for IF
+    ids, mask = backbone.tokenizer(texts, max_length=MAX_TEXT_LENGTH)  # [N, L] each
+    with torch.set_grad_enabled(grad):
+        c = backbone.text_encoder(ids.to(device), attention_mask=mask.to(device))  # [N, L, D]
+    return {p: c[i:i + 1] for i, p in enumerate(prompts)}
+
+
+def repeat(c, n):
+    """A cached prompt embedding [1, L, D] as a batch [n, L, D]."""
+    return c.expand(n, *c.shape[1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -536,27 +565,99 @@ class Stage:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# text: encode every prompt once (then the encoder can leave the GPU)
+# the two stages, set up
 
-def encode_prompts(backbone, prompts, device, frozen_dtype=None, grad=False):
-    """{prompt: embedding [1, L, D]} (77 tokens; the padding is masked inside the encoder only, as IF's and SD's
-    pipelines do). A frozen encoder's embeddings come from cascade.encode_prompts, which caches them on disk and
-    frees the encoder (T5-XXL never sits next to the U-Net); a trained one (backbone.text_encoder) runs here."""
-    if backbone.text_encoder is None:
-        dtype = torch.float32 if frozen_dtype in (None, torch.float16) else frozen_dtype  # T5 overflows in fp16
-        c, _ = cascade.encode_prompts(prompts, backbone.path, backbone.kind, max_length=MAX_TEXT_LENGTH,
-                                      device=device, dtype=dtype)
-        return {p: c[i:i + 1].to(device) for i, p in enumerate(prompts)}
-    texts = [p.lower().strip() for p in prompts] if backbone.kind == "if" else prompts  # as cascade does for IF
-    ids, mask = backbone.tokenizer(texts, max_length=MAX_TEXT_LENGTH)  # [N, L] each
-    with torch.set_grad_enabled(grad):
-        c = backbone.text_encoder(ids.to(device), attention_mask=mask.to(device))  # [N, L, D]
-    return {p: c[i:i + 1] for i, p in enumerate(prompts)}
+def make_trainable(module, cfg, targets, frozen_dtype):
+    """Full fine-tuning (every weight) or LoRA adapters on the attention projections (--lora-rank; the frozen base
+    weights then drop to the mixed-precision dtype, the adapters stay fp32)."""
+    if cfg.lora_rank:
+        lora.add_lora(module.to(frozen_dtype), cfg.lora_rank, targets=targets)
+    else:
+        module.float().requires_grad_(True)  # trainable weights stay fp32; autocast runs the maths in bf16/fp16
+    return module
 
 
-def repeat(c, n):
-    """A cached prompt embedding [1, L, D] as a batch [n, L, D]."""
-    return c.expand(n, *c.shape[1:])
+def make_base_stage(cfg, backbone, cache, instance_prompt, class_prompt, x_inst, x_class, device, frozen_dtype,
+                    history):
+    """Stage "base": eq. (2) with B subject images of the instance prompt and B class images of the class prompt."""
+    unet, B = backbone.unet, cfg.batch_size
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    modules = {"unet": make_trainable(unet, cfg, lora.UNET_TARGETS, frozen_dtype)}
+    if cfg.train_text_encoder:
+        modules["text_encoder"] = make_trainable(backbone.text_encoder, cfg, lora.TEXT_TARGETS, frozen_dtype)
+    vae = backbone.vae
+
+    def model_space(x, generator):
+        """Pixels for IF; for SD the latents z_0 = s z, z ~ q(z | x), drawn afresh each step as diffusers does."""
+        if vae is None:
+            return x
+        with torch.no_grad():
+            return vae.latents_from_images(x.to(next(vae.parameters()).dtype), generator).float()
+
+    def loss_fn(generator):
+        if cfg.train_text_encoder:  # the encoder changes every step: encode the two prompts with gradients
+            text_now = encode_prompts(backbone, [instance_prompt, class_prompt], device, grad=True)
+        else:
+            text_now = cache
+        i = torch.randint(len(x_inst), (B,), generator=generator, device=generator.device).cpu()
+        x, c = model_space(x_inst[i], generator), repeat(text_now[instance_prompt], B)
+        x_pr = c_pr = None
+        if x_class is not None:
+            j = torch.randint(len(x_class), (B,), generator=generator, device=generator.device).cpu()
+            x_pr, c_pr = model_space(x_class[j], generator), repeat(text_now[class_prompt], B)
+        return dreambooth_loss(unet, backbone.schedule, x, c, x_pr, c_pr, cfg.prior_loss_weight, generator)
+
+    return Stage("base", modules, loss_fn, cfg, cfg.max_steps, device, history)
+
+
+def make_sr_stage(cfg, backbone, cache, instance_prompt, device, frozen_dtype, history):
+    """Stage "sr": the super-resolution model on (low-res, high-res) pairs of the subject photos, its low-res input
+    noise-augmented at --sr-noise-level (the paper's continuous t, mapped to IF's step by cascade)."""
+    sr_unet, B = backbone.sr_unet, cfg.batch_size
+    if cfg.gradient_checkpointing:
+        sr_unet.enable_gradient_checkpointing()
+    make_trainable(sr_unet, cfg, lora.UNET_TARGETS, frozen_dtype)
+    x_high = data.load_instance_images(cfg.instance_dir, backbone.sr_resolution).to(device)  # [N, 3, H, W]
+    level = cascade.level_from_continuous(cfg.sr_noise_level, backbone.noising_schedule.num_train_timesteps)
+    c = repeat(cache[instance_prompt], B)
+
+    def loss_fn(generator):
+        i = torch.randint(len(x_high), (B,), generator=generator, device=generator.device).cpu()
+        x = x_high[i]
+        x_cond, levels = sr_conditioning(x, backbone.resolution, level, backbone.noising_schedule, generator)
+        return dreambooth_loss(sr_unet, backbone.sr_schedule, x, c, None, None, 0.0, generator,
+                               x_cond=x_cond, noise_level=levels)
+
+    return Stage("sr", {"sr_unet": sr_unet}, loss_fn, cfg, cfg.sr_steps, device, history)
+
+
+def save_base(cfg, backbone, out):
+    """out/model: the personalised pipeline in the public layout (LoRA: out/lora holds the adapters alone, and the
+    merged weights go to out/model)."""
+    trained = {"unet": backbone.unet}
+    if cfg.train_text_encoder:
+        trained["text_encoder"] = backbone.text_encoder
+    if cfg.lora_rank and lora.lora_layers(backbone.unet):
+        lora.save_lora(out / "lora", trained)
+        for m in trained.values():
+            lora.merge_lora(m)
+    save_pipeline(backbone.path, out / "model", trained)
+
+
+def load_finished_base(cfg, backbone, out, device):
+    """Resuming in the SR stage: the personalised base model was saved when its stage ended."""
+    backbone.unet = UNet.from_pretrained(out / "model" / "unet", device=device)
+    if cfg.train_text_encoder:
+        enc_cls = text_classes(backbone.path)[1]
+        backbone.text_encoder = enc_cls.from_pretrained(out / "model" / "text_encoder", device=device)
+
+
+def save_sr(cfg, backbone, out):
+    if cfg.lora_rank and lora.lora_layers(backbone.sr_unet):
+        lora.save_lora(out / "sr_lora", {"unet": backbone.sr_unet})
+        lora.merge_lora(backbone.sr_unet)
+    save_pipeline(backbone.sr_path, out / "sr_model", {"unet": backbone.sr_unet})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -662,11 +763,16 @@ def toy_metrics(images, prompts, num_samples, instance_images, class_images):
 # the run
 
 def main(argv=None):
+    """The command line: parse, fill in the backbone's defaults, run. Returns the output directory."""
+    return run(settings_from_args(argv))
+
+
+def run(cfg):
+    """One DreamBooth run (steps 1-5 of the module docstring) with the settings cfg (a TrainConfig)."""
     t_start = time.time()
-    cfg = settings_from_args(argv)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = resume_checkpoint(cfg)
+    ckpt, cfg = resume_checkpoint(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
     device = torch.device(cfg.device)
     frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
@@ -675,7 +781,7 @@ def main(argv=None):
     # 1. identifier and prompts
     identifier = choose_identifier(cfg, backbone.tokenizer)
     cfg = replace(cfg, identifier=identifier)
-    instance_prompt, class_prompt = f"a {identifier} {cfg.class_noun}", f"a {cfg.class_noun}"
+    instance_prompt, class_prompt = subject_prompt(identifier, cfg.class_noun), f"a {cfg.class_noun}"
     prompts = sample_prompts(cfg, identifier)
     print_settings(cfg, instance_prompt, class_prompt, backbone)
     with open(out / "settings.json", "w") as f:
@@ -740,27 +846,26 @@ def main(argv=None):
 
 
 def resume_checkpoint(cfg):
-    """The checkpoint to continue from (with --resume), after checking it belongs to this run's settings."""
+    """(checkpoint, cfg) to continue from with --resume, after checking the checkpoint belongs to these settings
+    (the identifier found by the rare-token search is taken from it); (None, cfg) without --resume."""
     path = Path(cfg.output_dir) / "checkpoint.pt"
     if not cfg.resume:
         if path.exists():
             print(f"note: starting afresh; '{path}' will be overwritten (use --resume to continue it)")
-        return None
+        return None, cfg
     if not path.exists():
         raise ValueError(f"--resume: no checkpoint at '{path}'; run without --resume to start, or point "
                          f"--output-dir at the run to continue")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    free = {"resume", "max_steps", "sr_steps", "checkpoint_every", "num_samples", "sample_steps", "device",
-            "identifier"}
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and numbers only
     old = ckpt["settings"]
+    cfg = replace(cfg, identifier=cfg.identifier or old["identifier"])
+    free = {"resume", "max_steps", "sr_steps", "checkpoint_every", "num_samples", "sample_steps", "device"}
     changed = {k: (old[k], v) for k, v in asdict(cfg).items() if k not in free and old.get(k) != v}
     if changed:
         raise ValueError(f"--resume: these settings differ from the checkpoint's run (checkpoint, now): {changed}; "
                          f"resume with the original settings")
-    if cfg.identifier is None and old.get("identifier"):
-        pass  # the rare-token search is seeded, so it finds the same identifier again
     print(f"resuming the {ckpt['stage']} stage at step {ckpt['step']} from '{path}'")
-    return ckpt
+    return ckpt, cfg
 
 
 def print_settings(cfg, instance_prompt, class_prompt, backbone):
@@ -797,102 +902,6 @@ def print_outputs(cfg, out, metrics):
             print(f"  {name:14s} {what}")
     if "toy" in metrics:
         print(f"toy evaluator: {metrics['toy']}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the two stages, set up
-
-def make_trainable(module, cfg, targets, frozen_dtype):
-    """Full fine-tuning (every weight) or LoRA adapters on the attention projections (--lora-rank; the frozen base
-    weights then drop to the mixed-precision dtype, the adapters stay fp32)."""
-    if cfg.lora_rank:
-        lora.add_lora(module.to(frozen_dtype), cfg.lora_rank, targets=targets)
-    else:
-        module.float().requires_grad_(True)  # trainable weights stay fp32; autocast runs the maths in bf16/fp16
-    return module
-
-
-def make_base_stage(cfg, backbone, cache, instance_prompt, class_prompt, x_inst, x_class, device, frozen_dtype,
-                    history):
-    """Stage "base": eq. (2) with B subject images of the instance prompt and B class images of the class prompt."""
-    unet, B = backbone.unet, cfg.batch_size
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    modules = {"unet": make_trainable(unet, cfg, lora.UNET_TARGETS, frozen_dtype)}
-    if cfg.train_text_encoder:
-        modules["text_encoder"] = make_trainable(backbone.text_encoder, cfg, lora.TEXT_TARGETS, frozen_dtype)
-    vae = backbone.vae
-
-    def model_space(x, generator):
-        """Pixels for IF; for SD the latents z_0 = s z, z ~ q(z | x), drawn afresh each step as diffusers does."""
-        if vae is None:
-            return x
-        with torch.no_grad():
-            return vae.latents_from_images(x.to(next(vae.parameters()).dtype), generator).float()
-
-    def loss_fn(generator):
-        if cfg.train_text_encoder:  # the encoder changes every step: encode the two prompts with gradients
-            text_now = encode_prompts(backbone, [instance_prompt, class_prompt], device, grad=True)
-        else:
-            text_now = cache
-        i = torch.randint(len(x_inst), (B,), generator=generator, device=generator.device).cpu()
-        x, c = model_space(x_inst[i], generator), repeat(text_now[instance_prompt], B)
-        x_pr = c_pr = None
-        if x_class is not None:
-            j = torch.randint(len(x_class), (B,), generator=generator, device=generator.device).cpu()
-            x_pr, c_pr = model_space(x_class[j], generator), repeat(text_now[class_prompt], B)
-        return dreambooth_loss(unet, backbone.schedule, x, c, x_pr, c_pr, cfg.prior_loss_weight, generator)
-
-    return Stage("base", modules, loss_fn, cfg, cfg.max_steps, device, history)
-
-
-def make_sr_stage(cfg, backbone, cache, instance_prompt, device, frozen_dtype, history):
-    """Stage "sr": the super-resolution model on (low-res, high-res) pairs of the subject photos, its low-res input
-    noise-augmented at --sr-noise-level (the paper's continuous t, mapped to IF's step by cascade)."""
-    sr_unet, B = backbone.sr_unet, cfg.batch_size
-    if cfg.gradient_checkpointing:
-        sr_unet.enable_gradient_checkpointing()
-    make_trainable(sr_unet, cfg, lora.UNET_TARGETS, frozen_dtype)
-    x_high = data.load_instance_images(cfg.instance_dir, backbone.sr_resolution).to(device)  # [N, 3, H, W]
-    level = cascade.level_from_continuous(cfg.sr_noise_level, backbone.noising_schedule.num_train_timesteps)
-    c = repeat(cache[instance_prompt], B)
-
-    def loss_fn(generator):
-        i = torch.randint(len(x_high), (B,), generator=generator, device=generator.device).cpu()
-        x = x_high[i]
-        x_cond, levels = sr_conditioning(x, backbone.resolution, level, backbone.noising_schedule, generator)
-        return dreambooth_loss(sr_unet, backbone.sr_schedule, x, c, None, None, 0.0, generator,
-                               x_cond=x_cond, noise_level=levels)
-
-    return Stage("sr", {"sr_unet": sr_unet}, loss_fn, cfg, cfg.sr_steps, device, history)
-
-
-def save_base(cfg, backbone, out):
-    """out/model: the personalised pipeline in the public layout (LoRA: out/lora holds the adapters alone, and the
-    merged weights go to out/model)."""
-    trained = {"unet": backbone.unet}
-    if cfg.train_text_encoder:
-        trained["text_encoder"] = backbone.text_encoder
-    if cfg.lora_rank and lora.lora_layers(backbone.unet):
-        lora.save_lora(out / "lora", trained)
-        for m in trained.values():
-            lora.merge_lora(m)
-    save_pipeline(backbone.path, out / "model", trained)
-
-
-def load_finished_base(cfg, backbone, out, device):
-    """Resuming in the SR stage: the personalised base model was saved when its stage ended."""
-    backbone.unet = UNet.from_pretrained(out / "model" / "unet", device=device)
-    if cfg.train_text_encoder:
-        enc_cls = text_classes(backbone.path)[1]
-        backbone.text_encoder = enc_cls.from_pretrained(out / "model" / "text_encoder", device=device)
-
-
-def save_sr(cfg, backbone, out):
-    if cfg.lora_rank and lora.lora_layers(backbone.sr_unet):
-        lora.save_lora(out / "sr_lora", {"unet": backbone.sr_unet})
-        lora.merge_lora(backbone.sr_unet)
-    save_pipeline(backbone.sr_path, out / "sr_model", {"unet": backbone.sr_unet})
 
 
 if __name__ == "__main__":

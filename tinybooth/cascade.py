@@ -161,8 +161,12 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
         tokenizer = Tokenizer.from_pretrained(model_dir / "tokenizer")
         encoder = Encoder.from_pretrained(model_dir / "text_encoder", dtype=dtype, device=device)
         ids, mask = tokenizer(missing, max_length=max_length)                  # [M, L] each
+        device_ = next(encoder.parameters()).device
+        # IF passes the padding mask to T5. SD 1.x does not pass it to CLIP (causal attention only): its U-Net
+        # cross-attends to all 77 outputs, and the padding positions' outputs depend on that choice.
+        enc_mask = mask.to(device_) if family == "if" else None
         with torch.no_grad():
-            c = encoder(ids.to(encoder_device(encoder)), attention_mask=mask.to(encoder_device(encoder)))
+            c = encoder(ids.to(device_), attention_mask=enc_mask)              # [M, L, D]
         cache_dir.mkdir(parents=True, exist_ok=True)
         for i, text in enumerate(missing):
             target = _cache_file(cache_dir, text, text_model_key(model_dir / "text_encoder"), max_length)
@@ -175,10 +179,6 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
             torch.cuda.empty_cache()                                           # T5-XXL must not stay next to the U-Nets
     entries = [load_file(str(f)) for f in files]
     return torch.stack([e["c"] for e in entries]), torch.stack([e["mask"] for e in entries])
-
-
-def encoder_device(module):
-    return next(module.parameters()).device
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -187,3 +187,12 @@ def test_log_snr_is_log_of_alpha2_over_sigma2_and_decreasing():
     lam = log_snr(alpha_t, sigma_t)
     assert torch.allclose(lam.exp(), alpha_t ** 2 / sigma_t ** 2, rtol=1e-4), "log_snr = log(alpha_t^2 / sigma_t^2)"
     assert (lam[1:] < lam[:-1]).all(), "log-SNR must fall monotonically with t"
+
+
+@pytest.mark.task1_1
+def test_schedule_tensors_stay_on_cpu_when_built_under_the_meta_device():
+    """Networks are built under `with torch.device("meta")`; a schedule built there must still hold real numbers."""
+    with torch.device("meta"):
+        s = DiscreteSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
+    assert s.alphas_cumprod.device.type == "cpu", f"alphas_cumprod landed on {s.alphas_cumprod.device}"
+    assert_close(s.alphas_cumprod, SCHEDULES["squaredcos_cap_v2.alphas_cumprod"], 1e-6, "alphas_cumprod under meta")

@@ -139,13 +139,14 @@ def make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end):
     # BEGIN ASSIGN 1.1
     # HINT: linear: torch.linspace(beta_start, beta_end, T); scaled_linear: linspace of the square roots, squared; squaredcos_cap_v2: min(1 - f((i+1)/T) / f(i/T), 0.999) with f(t) = cos^2((t + 0.008) / 1.008 * pi / 2), in float64 math then float32
     if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32, device="cpu")
     if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float32) ** 2
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float32, device="cpu") ** 2
     if beta_schedule == "squaredcos_cap_v2":
         f = lambda t: math.cos((t + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
         # 1 - alpha_bar(t_{i+1}) / alpha_bar(t_i), computed in Python floats (float64) like the reference
-        return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), MAX_BETA) for i in range(T)], dtype=torch.float32)
+        betas = [min(1 - f((i + 1) / T) / f(i / T), MAX_BETA) for i in range(T)]
+        return torch.tensor(betas, dtype=torch.float32, device="cpu")
     # END ASSIGN 1.1
     raise ValueError(f"beta_schedule '{beta_schedule}' is not supported; use one of {CHOICES['beta_schedule']}")
 
@@ -160,11 +161,13 @@ class DiscreteSchedule:
     """
 
     def __init__(self, config):
+        # the tensors live on the CPU even inside `with torch.device("meta")` (where networks are built); samplers
+        # move the few values they need to the data's device
         self.config = config
         self.num_train_timesteps = config["num_train_timesteps"]
         self.prediction_type = config["prediction_type"]
         if config["trained_betas"] is not None:  # betas listed in the file itself
-            self.betas = torch.tensor(config["trained_betas"], dtype=torch.float32)  # [T]
+            self.betas = torch.tensor(config["trained_betas"], dtype=torch.float32, device="cpu")  # [T]
         else:
             self.betas = make_betas(config["beta_schedule"], self.num_train_timesteps,
                                     config["beta_start"], config["beta_end"])  # [T]
@@ -175,9 +178,13 @@ class DiscreteSchedule:
     def from_config(cls, config):
         """Validate a scheduler_config.json dict, fill in diffusers' defaults for missing keys, build the schedule.
 
-        Keys that do not change the math of this module (e.g. _class_name, skip_prk_steps) are kept as they are.
+        Keys that do not change the math of this module (e.g. _class_name, skip_prk_steps) are kept as they are;
+        null values of known keys (e.g. "trained_betas": null) take the default.
         """
         config = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None or k not in DEFAULTS}}
+        if not (isinstance(config["num_train_timesteps"], int) and config["num_train_timesteps"] > 0):
+            raise ValueError(f"scheduler config: num_train_timesteps = {config['num_train_timesteps']!r} "
+                             "must be a positive integer")
         for key, allowed in CHOICES.items():
             if config[key] not in allowed:
                 raise ValueError(f"scheduler config: {key} = '{config[key]}' is not supported; "
@@ -187,9 +194,6 @@ class DiscreteSchedule:
                              f"num_train_timesteps = {config['num_train_timesteps']}; they must agree")
         if config["rescale_betas_zero_snr"]:
             raise ValueError("scheduler config: rescale_betas_zero_snr = true is not supported; set it to false")
-        if not (isinstance(config["num_train_timesteps"], int) and config["num_train_timesteps"] > 0):
-            raise ValueError(f"scheduler config: num_train_timesteps = {config['num_train_timesteps']!r} "
-                             "must be a positive integer")
         return cls(config)
 
     @classmethod

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import cascade
 from .checkpoint import CheckpointError

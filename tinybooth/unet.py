@@ -275,10 +275,10 @@ class UpBlock(Block):
         attn, resample = UP_BLOCKS[kind]
         self.if_style = resample == "resnet"
         scale = cfg.resnet_out_scale_factor if self.if_style else 1.0
-        # input channels of layer i: previous output (prev_ch, then out_ch) + the skip it consumes (the last one
-        # comes from the block below this resolution: in_ch)
-        self.resnets = nn.ModuleList(make_resnet(cfg, (prev_ch if i == 0 else out_ch) + (in_ch if i == n - 1
-                                                 else out_ch), out_ch, temb_dim, self.if_style, scale)
+        # ResBlock i reads [x ; skip]: x has prev_ch channels (the block below), then out_ch; the skips have out_ch,
+        # except the last, which is the input of this resolution's down block (in_ch channels)
+        x_ch, skip_ch = [prev_ch] + [out_ch] * (n - 1), [out_ch] * (n - 1) + [in_ch]
+        self.resnets = nn.ModuleList(make_resnet(cfg, x_ch[i] + skip_ch[i], out_ch, temb_dim, self.if_style, scale)
                                      for i in range(n))
         if attn:
             self.attentions = nn.ModuleList(make_attention(cfg, attn, out_ch, head_setting, cross_dim, only_cross,
@@ -343,18 +343,22 @@ class UNet(nn.Module):
         heads, t_layers = cfg.per_block("attention_head_dim"), cfg.per_block("transformer_layers_per_block")
 
         self.down_blocks = nn.ModuleList(
-            DownBlock(cfg, kind, ch[max(i - 1, 0)], ch[i], layers[i], temb_dim, heads[i], cross_dim[i], only_cross[i],
-                      t_layers[i], add_downsample=i < n - 1) for i, kind in enumerate(cfg.down_block_types))
+            DownBlock(cfg, kind, in_ch=ch[max(i - 1, 0)], out_ch=ch[i], n=layers[i], temb_dim=temb_dim,
+                      head_setting=heads[i], cross_dim=cross_dim[i], only_cross=only_cross[i],
+                      transformer_layers=t_layers[i], add_downsample=i < n - 1)
+            for i, kind in enumerate(cfg.down_block_types))
         kind = MID_BLOCKS[cfg.mid_block_type]
         self.mid_block = MidBlock(cfg, kind, ch[-1], temb_dim, heads[-1], cross_dim[-1], mid_only_cross,
                                   t_layers[-1]) if kind else None
-        # up block i works at the resolution of down block n-1-i. The reference indexes the head *width* of IF
-        # blocks without reversing (heads[i]) but the head *count* of SD blocks reversed; the same here.
-        r = lambda values: values[::-1]   # noqa: E731
+        # up block i works at the resolution of down block n-1-i, so it reads the per-block settings reversed,
+        # with one quirk kept from the reference: the head *width* of IF blocks is not reversed (heads[i]).
+        rch, rlayers, rheads = ch[::-1], layers[::-1], heads[::-1]
         self.up_blocks = nn.ModuleList(
-            UpBlock(cfg, kind, r(ch)[min(i + 1, n - 1)], r(ch)[max(i - 1, 0)], r(ch)[i], r(layers)[i] + 1, temb_dim,
-                    heads[i] if UP_BLOCKS[kind][0] == "added_kv" else r(heads)[i], r(cross_dim)[i],
-                    r(only_cross)[i], r(t_layers)[i], add_upsample=i < n - 1)
+            UpBlock(cfg, kind, in_ch=rch[min(i + 1, n - 1)], prev_ch=rch[max(i - 1, 0)], out_ch=rch[i],
+                    n=rlayers[i] + 1, temb_dim=temb_dim,
+                    head_setting=heads[i] if UP_BLOCKS[kind][0] == "added_kv" else rheads[i],
+                    cross_dim=cross_dim[::-1][i], only_cross=only_cross[::-1][i],
+                    transformer_layers=t_layers[::-1][i], add_upsample=i < n - 1)
             for i, kind in enumerate(cfg.up_block_types))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)

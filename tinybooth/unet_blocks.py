@@ -304,7 +304,7 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x, c, text_bias=None):                                 # x: [B, HW, D]
         # BEGIN ASSIGN 6.4
-        # HINT: three pre-norm residual sub-layers: x = x + attn1(norm1(x)); x = x + attn2(norm2(x), c, mask); x = x + ff(norm3(x))
+        # HINT: pre-norm residual sub-layers: x += attn1(norm1(x)); x += attn2(norm2(x), c, mask); x += ff(norm3(x))
         x = x + self.attn1(self.norm1(x), c if self.only_cross_attention else None)
         x = x + self.attn2(self.norm2(x), c, text_bias)
         x = x + self.ff(self.norm3(x))

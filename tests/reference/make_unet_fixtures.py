@@ -27,13 +27,14 @@ IF_COMMON = dict(act_fn="gelu", addition_embed_type="text", addition_embed_type_
                  cross_attention_norm="group_norm", encoder_hid_dim=16, encoder_hid_dim_type="text_proj",
                  cross_attention_dim=32, norm_num_groups=4, resnet_time_scale_shift="scale_shift",
                  upcast_attention=True, mid_block_type="UNetMidBlock2DSimpleCrossAttn")
+IF_DOWN = ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"]
+IF_UP = ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"]
 CONFIGS = {
     # IF stage I: resampling ResBlocks, added-KV attention (8-wide heads), pooled text added to the time embedding,
     # padded text tokens masked, 6 output channels (eps + variance)
     "if1": dict(IF_COMMON, in_channels=3, out_channels=6, sample_size=8, block_out_channels=[8, 16, 16],
                 layers_per_block=1, attention_head_dim=8,
-                down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
-                up_block_types=["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"]),
+                down_block_types=IF_DOWN, up_block_types=IF_UP),
     # IF stage II: 6 input channels, noise level as a class embedding, skip_time_act, 1/sqrt(1/2) output scales,
     # gelu on the time embedding, its own width, per-block layers and only_cross_attention
     "if2": dict(IF_COMMON, in_channels=6, out_channels=6, sample_size=8, block_out_channels=[8, 16, 16],
@@ -41,8 +42,7 @@ CONFIGS = {
                 mid_block_scale_factor=1.4142135623730951, resnet_out_scale_factor=1.4142135623730951,
                 resnet_skip_time_act=True, time_embedding_act_fn="gelu", time_embedding_dim=24,
                 only_cross_attention=[False, True, False],
-                down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
-                up_block_types=["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"]),
+                down_block_types=IF_DOWN, up_block_types=IF_UP),
     # SD 1.x: transformer blocks with 1x1-conv projections, strided-conv resampling, 10x10 input (odd size at the
     # bottom: the upsampler follows the skip's size), text mask
     "sd_conv": dict(in_channels=4, out_channels=4, sample_size=10, block_out_channels=[8, 8, 16],

@@ -119,18 +119,21 @@ def default_cache_dir():
     return Path(os.environ.get("TINYBOOTH_CACHE", Path.home() / ".cache" / "tinybooth")) / "text_embeddings"
 
 
-def text_model_key(text_encoder_dir):
-    """A short id of a text encoder's files: its config.json and the names and sizes of its weight files.
+def text_model_key(model_dir):
+    """A short id of a pipeline's text side: text_encoder/ (config.json, names and sizes of the weight files) and
+    tokenizer/ (every file's content; they are small).
 
-    Cheap (no 10 GB hashing) yet it changes when the weights are replaced by other ones or re-downloaded in
-    another precision; the directory's absolute path is part of it too.
+    Cheap (no hashing of 10 GB of T5) yet it changes when the weights are replaced or re-downloaded in another
+    precision, or the tokenizer changes; the directory's absolute path is part of it too.
     """
-    d = Path(text_encoder_dir).resolve()
+    d = Path(model_dir).resolve()
     h = hashlib.sha256(str(d).encode())
-    config = d / "config.json"
+    config = d / "text_encoder" / "config.json"
     h.update(config.read_bytes() if config.exists() else b"")
-    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+    for f in sorted((d / "text_encoder").glob("*.safetensors")) + sorted((d / "text_encoder").glob("*.bin")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
+    for f in sorted((d / "tokenizer").glob("*")):
+        h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -144,7 +147,8 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
 
     model_dir holds text_encoder/ and tokenizer/ (a public pipeline directory). family: "if" (T5 v1.1; texts
     lower-cased and stripped as IF's pipeline does) or "sd" (CLIP). Each text's embedding is cached in cache_dir
-    under sha256(text, text_model_key, max_length); when every text is cached the encoder is not even loaded.
+    under sha256(text, text_model_key(model_dir), max_length); when every text is cached the encoder is not even
+    loaded.
     Otherwise it is loaded once (device, dtype: run T5 in bf16 or fp32, never fp16), encodes the missing texts,
     and is freed before returning. Returns float32 tensors on the CPU.
     """
@@ -154,8 +158,9 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
     texts = [t.lower().strip() for t in texts] if family == "if" else list(texts)
     model_dir = Path(model_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    files = [_cache_file(cache_dir, t, text_model_key(model_dir / "text_encoder"), max_length) for t in texts]
-    missing = sorted({t for t, f in zip(texts, files) if not f.exists()})
+    key = text_model_key(model_dir)
+    files = {t: _cache_file(cache_dir, t, key, max_length) for t in texts}
+    missing = sorted(t for t, f in files.items() if not f.exists())
     if missing:
         Encoder, Tokenizer = (T5Encoder, T5Tokenizer) if family == "if" else (CLIPTextEncoder, CLIPTokenizer)
         tokenizer = Tokenizer.from_pretrained(model_dir / "tokenizer")
@@ -169,7 +174,7 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
             c = encoder(ids.to(device_), attention_mask=enc_mask)              # [M, L, D]
         cache_dir.mkdir(parents=True, exist_ok=True)
         for i, text in enumerate(missing):
-            target = _cache_file(cache_dir, text, text_model_key(model_dir / "text_encoder"), max_length)
+            target = files[text]
             tmp = target.with_suffix(".tmp")
             save_file({"c": c[i].float().cpu().contiguous(), "mask": mask[i].cpu().contiguous()}, str(tmp),
                       metadata={"text": text, "max_length": str(max_length)})
@@ -177,7 +182,7 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
         del encoder, c
         if torch.cuda.is_available():
             torch.cuda.empty_cache()                                           # T5-XXL must not stay next to the U-Nets
-    entries = [load_file(str(f)) for f in files]
+    entries = [load_file(str(files[t])) for t in texts]
     return torch.stack([e["c"] for e in entries]), torch.stack([e["mask"] for e in entries])
 
 
@@ -187,7 +192,7 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
 def guided_denoiser(unet, c, c_uncond, guidance, out_channels, extra_input=None, noise_level=None, bar=None):
     """denoise_fn(z_t, t) for samplers.sample: the U-Net on [uncond; cond] with classifier-free guidance.
 
-    c, c_uncond: [B, L, D] text embeddings (c_uncond: the empty prompt's). guidance <= 1 skips the unconditional
+    c: [B, L, D] text embeddings; c_uncond: the empty prompt's, [B or 1, L, D]. guidance <= 1 skips the unconditional
     branch (scale 1 is eps_cond anyway). out_channels: the image's C; a learned-variance half (IF: 6 = 3 + 3) is
     taken from the conditional branch, unguided, as IF's pipeline does. extra_input [B, C', H, W] is concatenated
     to z_t on the channels (stage II: the noise-augmented low-res image), noise_level [B] passed alongside.
@@ -195,7 +200,7 @@ def guided_denoiser(unet, c, c_uncond, guidance, out_channels, extra_input=None,
     """
     dtype, device = next(unet.parameters()).dtype, next(unet.parameters()).device
     cfg = guidance > 1.0
-    text = torch.cat([c_uncond, c]) if cfg else c                             # [2B or B, L, D]
+    text = torch.cat([c_uncond.expand_as(c), c]) if cfg else c               # [2B or B, L, D]
     text = text.to(device, dtype)
     if extra_input is not None:
         extra_input = torch.cat([extra_input] * 2) if cfg else extra_input

@@ -321,10 +321,11 @@ def encode_prompts(backbone, prompts, device, frozen_dtype=None, grad=False):
         c, _ = cascade.encode_prompts(prompts, backbone.path, backbone.kind, max_length=MAX_TEXT_LENGTH,
                                       device=device, dtype=dtype)
         return {p: c[i:i + 1].to(device) for i, p in enumerate(prompts)}
-    texts = [p.lower().strip() for p in prompts] if backbone.kind == "if" else prompts  # as cascade does for IF
+    # exactly as cascade.encode_prompts: IF lower-cases and masks the padding inside T5, SD's CLIP sees no mask
+    texts = [p.lower().strip() for p in prompts] if backbone.kind == "if" else prompts
     ids, mask = backbone.tokenizer(texts, max_length=MAX_TEXT_LENGTH)  # [N, L] each
     with torch.set_grad_enabled(grad):
-        c = backbone.text_encoder(ids.to(device), attention_mask=mask.to(device))  # [N, L, D]
+        c = backbone.text_encoder(ids.to(device), attention_mask=mask.to(device) if backbone.kind == "if" else None)
     return {p: c[i:i + 1] for i, p in enumerate(prompts)}
 
 
@@ -361,16 +362,16 @@ def generate_class_images(cfg, backbone, prompt_cache, class_prompt):
     for b in tqdm(todo, desc="class images", unit="batch"):
         chunk = paths[b * bs:(b + 1) * bs]
         images = generate(backbone, prompt_cache, [class_prompt] * len(chunk), seed=cfg.seed * 100003 + b,
-                          steps=cfg.class_steps, sampler=cfg.class_sampler, guidance=cfg.guidance, stage_ii=False)
+                          steps=cfg.class_steps, sampler=cfg.class_sampler, guidance=cfg.guidance)
         for x, p in zip(images, chunk):
             data.save_image(x, p)
     return paths
 
 
 @torch.no_grad()
-def generate(backbone, prompt_cache, prompts, seed, steps, sampler, guidance, stage_ii):
-    """Images [N, 3, H, W] in [-1, 1] for prompts with the pipelines of tinybooth.cascade: IF stage I (then stage
-    II when stage_ii and the backbone has one, at IF's default augmentation level) or SD's latent path."""
+def generate(backbone, prompt_cache, prompts, seed, steps, sampler, guidance, sr_level=None):
+    """Images [N, 3, H, W] in [-1, 1] for prompts with the pipelines of tinybooth.cascade: IF stage I, then stage
+    II at augmentation step sr_level when given and the backbone has one; or SD's latent path."""
     g = torch.Generator().manual_seed(seed)  # cascade draws z_T on the CPU, as diffusers' pipelines do
     c = torch.cat([prompt_cache[p] for p in prompts])  # [N, L, D]
     c_uncond = prompt_cache[""].expand_as(c)  # the empty prompt: the unconditional branch of guidance
@@ -378,10 +379,10 @@ def generate(backbone, prompt_cache, prompts, seed, steps, sampler, guidance, st
         return cascade.sample_latent(backbone.unet, backbone.vae, backbone.schedule, c, c_uncond, guidance, steps,
                                      sampler, generator=g).clamp(-1, 1)
     x = cascade.sample_base(backbone.unet, backbone.schedule, c, c_uncond, guidance, steps, sampler, generator=g)
-    if stage_ii and backbone.sr_unet is not None:
+    if sr_level is not None and backbone.sr_unet is not None:
         x = cascade.sample_super_resolution(backbone.sr_unet, backbone.sr_schedule, backbone.noising_schedule,
-                                            x.clamp(-1, 1), c, c_uncond, num_steps=steps, sampler=sampler,
-                                            generator=g)
+                                            x.clamp(-1, 1), c, c_uncond, noise_level=sr_level, num_steps=steps,
+                                            sampler=sampler, generator=g)
     return x.clamp(-1, 1)
 
 
@@ -415,6 +416,16 @@ def dreambooth_loss(unet, schedule, x, c, x_pr, c_pr, lambda_prior, generator, x
         return loss, {"subject": loss.detach()}
     return prior_preservation_loss(per_sample[:B].mean(), per_sample[B:].mean(), lambda_prior)
     # END ASSIGN 8.3
+
+
+def sr_sampling_level(cfg, backbone):
+    """IF step of the SR stage's noise augmentation when sampling: the fine-tuning level (--sr-noise-level, the
+    paper's continuous t) when the SR model was fine-tuned, else IF's default 250."""
+    if backbone.sr_unet is None:
+        return None
+    if cfg.sr_steps == 0:
+        return cascade.IF_NOISE_LEVEL
+    return cascade.level_from_continuous(cfg.sr_noise_level, backbone.noising_schedule.num_train_timesteps)
 
 
 def sr_conditioning(x_high, low_resolution, level, noising_schedule, generator):
@@ -619,7 +630,7 @@ def make_sr_stage(cfg, backbone, cache, instance_prompt, device, frozen_dtype, h
         sr_unet.enable_gradient_checkpointing()
     make_trainable(sr_unet, cfg, lora.UNET_TARGETS, frozen_dtype)
     x_high = data.load_instance_images(cfg.instance_dir, backbone.sr_resolution).to(device)  # [N, 3, H, W]
-    level = cascade.level_from_continuous(cfg.sr_noise_level, backbone.noising_schedule.num_train_timesteps)
+    level = sr_sampling_level(cfg, backbone)
     c = repeat(cache[instance_prompt], B)
 
     def loss_fn(generator):
@@ -728,7 +739,8 @@ def plot_losses(history, path):
             smooth = np.convolve(values, np.ones(k) / k, mode="valid")
             ax.plot(steps, values, color=colour, alpha=0.25, lw=0.8)
             ax.plot(steps[k - 1:], smooth, color=colour, lw=2, label=f"{key} loss")
-        ax.set(title=f"{stage} model" + (" (eq. 2: subject + lambda prior)" if stage == "base" else ""),
+        ax.set(title="base model (eq. 2: subject + lambda prior)" if stage == "base" else
+               "super-resolution model (subject pairs)",
                xlabel="step", ylabel="MSE of the model's target")
         ax.set_yscale("log")
         ax.legend()
@@ -738,25 +750,46 @@ def plot_losses(history, path):
     return path
 
 
-def toy_metrics(images, prompts, num_samples, instance_images, class_images):
-    """The toy evaluator's analogs of the paper's scores on the sample grid (tinybooth.toy_evaluator)."""
-    from tinybooth import toy_evaluator as te
+def toy_metrics(images, prompts, num_samples, x_inst, x_class, sr_psnr):
+    """The toy evaluator's analogs of the paper's scores on the sample grid (tinybooth.toy_evaluator):
+    subject probability / fidelity (DINO analog) of the subject prompts, their prompt fidelity (CLIP-T analog),
+    and for the bare class prompt how often it now draws the subject (language drift), PRES and diversity (DIV),
+    next to the same scores of the frozen model's class images ("_before")."""
+    from tinybooth import metrics, toy_evaluator as te
     evaluator = te.ToyEvaluator.from_pretrained()
     per = {p: images[i * num_samples:(i + 1) * num_samples].float().cpu() for i, p in enumerate(prompts)}
     class_prompt, subject_prompts = prompts[-1], prompts[:-1]
-    real = instance_images.float().cpu()
-    subject = torch.cat([per[p] for p in subject_prompts])
-    out = {
-        "subject_probability": float(te.subject_probability(evaluator, subject).mean()),
-        "subject_fidelity": float(te.subject_fidelity(evaluator, subject, real)),
-        "prompt_fidelity": float(torch.cat([te.prompt_fidelity(evaluator, per[p], p) for p in subject_prompts]).mean()),
-        "class_prompt_subject_probability": float(te.subject_probability(evaluator, per[class_prompt]).mean()),
-        "pres": float(te.subject_fidelity(evaluator, per[class_prompt], real)),
-    }
-    if class_images is not None:  # the frozen model's own class samples: PRES before fine-tuning
-        out["class_prompt_subject_probability_before"] = float(te.subject_probability(evaluator, class_images.cpu()).mean())
-        out["pres_before"] = float(te.subject_fidelity(evaluator, class_images.cpu(), real))
-    return {k: round(v, 4) for k, v in out.items()}
+    real, subject = x_inst.float().cpu(), torch.cat([per[p] for p in subject_prompts])
+    div = lambda x: metrics.diversity([list(x)], lambda a, b: te.feature_distance(evaluator, a, b))  # noqa: E731
+    out = {"subject_probability": te.subject_probability(evaluator, subject).mean(),
+           "subject_fidelity": te.subject_fidelity(evaluator, subject, real),
+           "prompt_fidelity": torch.cat([te.prompt_fidelity(evaluator, per[p], p) for p in subject_prompts]).mean(),
+           "class_prompt_subject_probability": te.subject_probability(evaluator, per[class_prompt]).mean(),
+           "pres": te.subject_fidelity(evaluator, per[class_prompt], real)}
+    if num_samples > 1:
+        out["class_prompt_diversity"] = div(per[class_prompt])
+    if x_class is not None:  # the frozen model's own samples of the class prompt: the scores before fine-tuning
+        before = x_class[:max(num_samples, 2)].float().cpu()
+        out["class_prompt_subject_probability_before"] = te.subject_probability(evaluator, x_class.cpu()).mean()
+        out["pres_before"] = te.subject_fidelity(evaluator, x_class.float().cpu(), real)
+        out["class_prompt_diversity_before"] = div(before)
+    if sr_psnr is not None:
+        out["sr_psnr_db"] = sr_psnr
+    return {k: round(float(v), 4) for k, v in out.items()}
+
+
+@torch.no_grad()
+def super_resolution_psnr(backbone, cache, instance_prompt, instance_dir, sr_level, steps):
+    """How much of the subject's detail the SR stage keeps: PSNR (dB) of SR(the real photo shrunk to the base
+    resolution) against the real photo, with the instance prompt, sampled at the fine-tuning augmentation level."""
+    x_high = data.load_instance_images(instance_dir, backbone.sr_resolution)  # [N, 3, H, W]
+    x_low = data.resize_images(x_high, backbone.resolution)
+    c = repeat(cache[instance_prompt], len(x_high))
+    x_sr = cascade.sample_super_resolution(backbone.sr_unet, backbone.sr_schedule, backbone.noising_schedule, x_low,
+                                           c, cache[""].expand_as(c), noise_level=sr_level, num_steps=steps,
+                                           sampler="ddim", generator=torch.Generator().manual_seed(0))
+    mse = ((x_sr.clamp(-1, 1).cpu() - x_high) / 2).square().mean()  # in [0, 1] pixel units
+    return float(10 * torch.log10(1 / mse))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -830,11 +863,15 @@ def run(cfg):
     t0 = time.time()
     metrics = {"final_loss": final_losses(history)}
     if cfg.num_samples > 0:
+        # a fine-tuned SR model is sampled at the augmentation level it was fine-tuned at; otherwise IF's default
+        sr_level = sr_sampling_level(cfg, backbone)
         images = generate(backbone, cache, [p for p in prompts for _ in range(cfg.num_samples)], seed=cfg.seed,
-                          steps=cfg.sample_steps, sampler="ddim", guidance=cfg.guidance, stage_ii=True)
+                          steps=cfg.sample_steps, sampler="ddim", guidance=cfg.guidance, sr_level=sr_level)
         save_grid(images, prompts, out / "samples.png")
         if cfg.backbone == "toy":
-            metrics["toy"] = toy_metrics(images, prompts, cfg.num_samples, x_inst, x_class)
+            psnr = None if backbone.sr_unet is None else super_resolution_psnr(
+                backbone, cache, instance_prompt, cfg.instance_dir, sr_level, cfg.sample_steps)
+            metrics["toy"] = toy_metrics(images, prompts, cfg.num_samples, x_inst, x_class, psnr)
     plot_losses(history, out / "loss.png")
     timings["samples_s"] = round(time.time() - t0, 1)
     metrics["timings"] = {**timings, "total_s": round(time.time() - t_start, 1)}

@@ -1,0 +1,64 @@
+"""The paper's ablations at toy scale: DreamBooth runs on the embedded toy cascade, scored by the toy evaluator.
+
+    python lessons/08_ablations.py [--steps N] [--out lessons/08_ablations.json]
+
+Each row is one `tinybooth.train` run with the toy defaults and one thing changed, as in the paper:
+
+    DreamBooth                  the correct class noun ("star"), prior preservation (eq. 2, lambda = 1), SR 1e-5
+    no prior preservation       eq. (1) on the subject only (Sec. 4.3: language drift, less diversity)
+    wrong class noun            "a [V] heart" for a star (Sec. 4.4, class-noun ablation)
+    no class noun               "a [V]" (Sec. 4.4)
+    SR noise augmentation 1e-3  the SR model fine-tuned (and sampled) at Imagen's usual 1e-3 instead of 1e-5
+
+Lesson 08 shows the table this writes (a full set of runs takes ~10-15 minutes on 2 CPU cores, too long for CI).
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tinybooth import train  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = {  # name -> (extra command-line flags, changes to the settings the command line cannot express)
+    "DreamBooth": ([], {}),
+    "no prior preservation": (["--no-prior-preservation"], {}),
+    "wrong class noun (heart)": (["--class-noun", "heart"], {}),
+    "no class noun": (["--no-prior-preservation"], {"class_noun": ""}),  # "a [V]": no class, so no prior either
+    "SR noise augmentation 1e-3": (["--sr-noise-level", "1e-3"], {}),
+}
+
+
+def run_variant(name, flags, changes, out_root, extra):
+    cfg = train.settings_from_args(["--output-dir", str(out_root / name.split(" (")[0].replace(" ", "_")),
+                                    *flags, *extra])
+    cfg = replace(cfg, **changes)
+    out = train.run(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"variant": name, "instance_prompt": metrics["instance_prompt"], "class_prompt": metrics["class_prompt"],
+            **metrics["toy"], "seconds": metrics["timings"]["total_s"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(HERE / "08_ablations.json"))
+    p.add_argument("--runs-dir", default=str(HERE.parent / "runs" / "ablations"))
+    p.add_argument("--steps", type=int, help="base-model steps per run (default: the toy default)")
+    args = p.parse_args(argv)
+    extra = ["--max-steps", str(args.steps)] if args.steps else []
+    t0 = time.time()
+    rows = [run_variant(name, flags, changes, Path(args.runs_dir), extra)
+            for name, (flags, changes) in VARIANTS.items()]
+    table = {"command": "python lessons/08_ablations.py" + (f" --steps {args.steps}" if args.steps else ""),
+             "machine": f"{platform.processor() or platform.machine()}, {platform.system()}, torch CPU",
+             "minutes": round((time.time() - t0) / 60, 1), "rows": rows}
+    Path(args.out).write_text(json.dumps(table, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

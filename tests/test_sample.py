@@ -102,3 +102,14 @@ def test_grid_layout_and_metadata(tmp_path):
     pixels, meta = read_png(path)
     assert pixels.shape == (10, 10, 3) and meta == {"seeds": [1, 2]}
     assert pixels[0, 0, 0] == 0 and pixels[0, 6, 0] == 128 and pixels[6, 0, 0] == 255 and pixels[4, 4, 0] == 255
+
+
+def test_fp16_only_download_is_found(fake_text, tmp_path):
+    """weights_download.py --variant fp16 leaves only diffusion_pytorch_model.fp16.safetensors: it must load."""
+    model = tmp_path / "if1"
+    shutil.copytree(PIPES / "if1", model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    assert cascade.stored_variant(model / "unet", "diffusion_pytorch_model") == "fp16"
+    out = sample.generate(model, ["a dog"], steps=1, progress=False)
+    assert out["images"].shape == (1, 3, 8, 8)

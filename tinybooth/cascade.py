@@ -114,6 +114,18 @@ def noise_augment(x_up, level, noising_schedule, noise=None, generator=None):
 # ----------------------------------------------------------------------------------------------------------------
 # prompts: encode once, cache on disk, never hold the text encoder next to the U-Nets
 
+def stored_variant(directory, stem):
+    """None when `directory` holds the full-precision weights (stem.safetensors, its index, or pytorch_model.bin),
+    else "fp16" when only the half-precision files were downloaded; loading then upcasts as asked."""
+    d = Path(directory)
+    full = [f"{stem}.safetensors", f"{stem}.safetensors.index.json", "pytorch_model.bin"]
+    if any((d / f).exists() for f in full):
+        return None
+    if (d / f"{stem}.fp16.safetensors").exists() or (d / f"{stem}.safetensors.index.fp16.json").exists():
+        return "fp16"
+    return None   # nothing there: the loader names what is missing
+
+
 def default_cache_dir():
     """$TINYBOOTH_CACHE/text_embeddings, by default ~/.cache/tinybooth/text_embeddings."""
     return Path(os.environ.get("TINYBOOTH_CACHE", Path.home() / ".cache" / "tinybooth")) / "text_embeddings"

@@ -30,7 +30,7 @@ from . import cascade
 from .checkpoint import CheckpointError
 from .schedule import DiscreteSchedule
 from .unet import UNet
-from .vae import AutoencoderKL
+from .vae import WEIGHTS_STEM, AutoencoderKL
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOY_BASE, TOY_SR = ASSETS / "toy-IF-I", ASSETS / "toy-IF-II"
@@ -87,6 +87,11 @@ def empty_cache():
         torch.cuda.empty_cache()
 
 
+def load_unet(path, dtype, device):
+    """The U-Net of a pipeline, from whichever precision was downloaded (weights_download.py --variant fp16)."""
+    return UNet.from_pretrained(path, dtype=dtype, device=device, variant=cascade.stored_variant(path, WEIGHTS_STEM))
+
+
 def generate(model, prompts, sr_model=None, num_images=1, seed=0, steps=None, guidance=None, sampler=None,
              eta=0.0, sr_steps=None, sr_guidance=None, sr_noise_level=cascade.IF_NOISE_LEVEL, device="cpu",
              dtype=torch.float32, cache_dir=None, progress=True):
@@ -99,9 +104,10 @@ def generate(model, prompts, sr_model=None, num_images=1, seed=0, steps=None, gu
     if sr_model is not None and (family != "if" or detect_family(sr_model) != "sr"):
         raise ValueError(f"--sr-model must be an IF stage-II directory used with an IF stage-I --model; got "
                          f"{family} model '{model}' and '{sr_model}'")
-    d = DEFAULTS[family]
-    steps, guidance, sampler = steps or d["steps"], guidance or d["guidance"], sampler or d["sampler"]
-    sr_steps, sr_guidance = sr_steps or DEFAULTS["sr"]["steps"], sr_guidance or DEFAULTS["sr"]["guidance"]
+    pick = lambda value, default: default if value is None else value   # noqa: E731
+    d, d_sr = DEFAULTS[family], DEFAULTS["sr"]
+    steps, guidance, sampler = pick(steps, d["steps"]), pick(guidance, d["guidance"]), pick(sampler, d["sampler"])
+    sr_steps, sr_guidance = pick(sr_steps, d_sr["steps"]), pick(sr_guidance, d_sr["guidance"])
     require(model, ["unet/config.json", "scheduler/scheduler_config.json"] + (["vae/config.json"] if family == "sd" else []))
     if sr_model is not None:
         require(sr_model, ["unet/config.json", "scheduler/scheduler_config.json",
@@ -129,11 +135,12 @@ def generate(model, prompts, sr_model=None, num_images=1, seed=0, steps=None, gu
         return torch.cat(out)
 
     # 2. the image stages, one U-Net on the device at a time
-    unet = UNet.from_pretrained(Path(model) / "unet", dtype=dtype, device=device)
+    unet = load_unet(Path(model) / "unet", dtype, device)
     schedule = DiscreteSchedule.from_pretrained(Path(model) / "scheduler")
     common = dict(guidance=guidance, num_steps=steps, sampler=sampler, eta=eta, progress=progress)
     if family == "sd":
-        vae = AutoencoderKL.from_pretrained(Path(model) / "vae", device=device)   # fp32, as diffusers upcasts
+        vae = AutoencoderKL.from_pretrained(Path(model) / "vae", device=device,   # fp32, as diffusers upcasts
+                                            variant=cascade.stored_variant(Path(model) / "vae", WEIGHTS_STEM))
         images = run(lambda i, c_i, g: cascade.sample_latent(unet, vae, schedule, c_i, c_uncond, generator=g,
                                                              **common), "images")
         del unet, vae
@@ -145,7 +152,7 @@ def generate(model, prompts, sr_model=None, num_images=1, seed=0, steps=None, gu
     if sr_model is None:
         return dict(images=x, stage1=None, settings=settings)
 
-    sr_unet = UNet.from_pretrained(Path(sr_model) / "unet", dtype=dtype, device=device)
+    sr_unet = load_unet(Path(sr_model) / "unet", dtype, device)
     sr_schedule = DiscreteSchedule.from_pretrained(Path(sr_model) / "scheduler")
     noising = DiscreteSchedule.from_pretrained(Path(sr_model) / "image_noising_scheduler")
     settings.update(sr_steps=sr_steps, sr_guidance=sr_guidance, sr_noise_level=sr_noise_level,

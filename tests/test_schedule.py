@@ -167,7 +167,6 @@ def test_predict_x_and_eps_agrees_for_every_parameterisation(prediction_type):
     assert_close(eps_hat, eps, 1e-10, f"eps_hat from a {prediction_type} output")
 
 
-@pytest.mark.task1_6
 def test_cosine_continuous_time_matches_discrete_squaredcos_schedule():
     T = 1000
     t = (torch.arange(T - 1) + 1) / T  # alphas_cumprod[i] = alpha_bar((i + 1) / T) until the cap bites at i = T - 1

@@ -50,22 +50,27 @@ MAX_BETA = 0.999  # "cap" of squaredcos_cap_v2: the last betas would otherwise r
 # ----------------------------------------------------------------------------------------------------------------
 # continuous time, the paper's notation
 
-def cosine_alpha_sigma(t, s=COSINE_OFFSET):
-    """Cosine schedule (Nichol & Dhariwal 2021) in continuous time t in [0, 1]:
+def cosine_alpha_bar(t, s=COSINE_OFFSET):
+    """The cosine schedule of Nichol & Dhariwal (2021) in continuous time t in [0, 1] (float64 tensor):
 
         alpha_bar(t) = f(t) / f(0),   f(t) = cos^2((t + s) / (1 + s) * pi / 2)
-        alpha_t = sqrt(alpha_bar(t)),  sigma_t = sqrt(1 - alpha_bar(t))
+
+    falling from 1 at t = 0 to 0 at t = 1. The small offset s keeps the first steps from being noise-free.
+    """
+    t = torch.as_tensor(t, dtype=torch.float64, device="cpu")
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    f0 = math.cos(s / (1 + s) * math.pi / 2) ** 2
+    return (f / f0).clamp(0.0, 1.0)
+
+
+def cosine_alpha_sigma(t, s=COSINE_OFFSET):
+    """(alpha_t, sigma_t) = (sqrt(alpha_bar(t)), sqrt(1 - alpha_bar(t))) of the cosine schedule, t in [0, 1].
 
     The discrete squaredcos_cap_v2 schedule samples it: alphas_cumprod[i] == alpha_bar((i + 1) / T) wherever the
     beta cap (0.999) has not bitten, i.e. for all but the last step.
     """
-    t = torch.as_tensor(t, dtype=torch.float64)
-    # BEGIN ASSIGN 1.6
-    # HINT: alpha_bar(t) = f(t) / f(0) with f(t) = cos^2((t + s) / (1 + s) * pi / 2); return (sqrt(alpha_bar), sqrt(1 - alpha_bar))
-    f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
-    alpha_bar = (f(t) / f(torch.zeros_like(t))).clamp(0.0, 1.0)
+    alpha_bar = cosine_alpha_bar(t, s)
     return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    # END ASSIGN 1.6
 
 
 def log_snr(alpha_t, sigma_t):
@@ -132,21 +137,22 @@ def make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end):
 
         linear             beta_t evenly spaced from beta_start to beta_end          (DDPM, Ho et al. 2020)
         scaled_linear      sqrt(beta_t) evenly spaced from sqrt(beta_start) to sqrt(beta_end)  (SD 1.x, LDM)
-        squaredcos_cap_v2  beta_t = min(1 - alpha_bar(t_i+1) / alpha_bar(t_i), 0.999), t_i = i / T, with the
-                           cosine alpha_bar of `cosine_alpha_sigma` (IF); beta_start/beta_end are unused
+        squaredcos_cap_v2  beta_i = min(1 - alpha_bar(t_{i+1}) / alpha_bar(t_i), 0.999), t_i = i / T, with the
+                           cosine alpha_bar of `cosine_alpha_bar` (IF); beta_start/beta_end are unused
+
+    The cosine betas follow from alpha_bar_i = prod_{j<=i} (1 - beta_j): each step keeps the fraction
+    alpha_bar(t_{i+1}) / alpha_bar(t_i) of the signal. They are computed in float64, then rounded to float32.
     """
     T = num_train_timesteps
     # BEGIN ASSIGN 1.1
-    # HINT: linear: torch.linspace(beta_start, beta_end, T); scaled_linear: linspace of the square roots, squared; squaredcos_cap_v2: min(1 - f((i+1)/T) / f(i/T), 0.999) with f(t) = cos^2((t + 0.008) / 1.008 * pi / 2), in float64 math then float32
+    # HINT: linear: torch.linspace(beta_start, beta_end, T); scaled_linear: linspace of the square roots, squared; squaredcos_cap_v2: alpha_bar = cosine_alpha_bar(torch.arange(T + 1) / T), betas = (1 - alpha_bar[1:] / alpha_bar[:-1]) capped at MAX_BETA; all float32 on the CPU
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float32, device="cpu")
     if beta_schedule == "scaled_linear":
         return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float32, device="cpu") ** 2
     if beta_schedule == "squaredcos_cap_v2":
-        f = lambda t: math.cos((t + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
-        # 1 - alpha_bar(t_{i+1}) / alpha_bar(t_i), computed in Python floats (float64) like the reference
-        betas = [min(1 - f((i + 1) / T) / f(i / T), MAX_BETA) for i in range(T)]
-        return torch.tensor(betas, dtype=torch.float32, device="cpu")
+        alpha_bar = cosine_alpha_bar(torch.arange(T + 1, dtype=torch.float64, device="cpu") / T)  # [T + 1]
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=MAX_BETA).float()  # [T]
     # END ASSIGN 1.1
     raise ValueError(f"beta_schedule '{beta_schedule}' is not supported; use one of {CHOICES['beta_schedule']}")
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from tinybooth import cascade, data, lora, rare_tokens, text
-from tinybooth.checkpoint import DOWNLOAD_HINT, CheckpointError
+from tinybooth import sample as sampling
 from tinybooth.loss import diffusion_loss, prior_preservation_loss
 from tinybooth.schedule import DiscreteSchedule
 from tinybooth.unet import UNet
@@ -175,7 +175,10 @@ def settings_from_args(argv=None):
     if not class_noun:
         raise ValueError("--class-noun is required (e.g. --class-noun dog): DreamBooth ties [V] to a class the "
                          "model already knows; without it the paper's ablation shows the subject is not learned")
-    backbone = "toy" if toy else ("sd" if (Path(model) / "vae").is_dir() else "if")
+    backbone = "toy" if toy else sampling.detect_family(model)  # names the download command if it is missing
+    if backbone == "sr":
+        raise ValueError(f"'{model}' is a super-resolution model (IF stage II): pass it as --sr-model, and the "
+                         f"stage-I pipeline as --model")
     d = BACKBONE_DEFAULTS[backbone]
     pick = lambda name: d[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     output_dir = Path(args.output_dir or ROOT / "runs" / f"dreambooth-{'toy' if toy else Path(model).name}")
@@ -241,13 +244,10 @@ class Backbone:
 
 
 def load_backbone(cfg, device, frozen_dtype):
-    """Read the pipeline directories; missing weights name the download command."""
+    """Read the pipeline directories; missing weights name the download command (tinybooth.sample's checks)."""
     path = Path(cfg.model)
-    for sub in ("tokenizer", "text_encoder", "unet", "scheduler"):
-        if not (path / sub).is_dir():
-            raise CheckpointError(f"'{path}' is not a pipeline in the public layout: '{sub}/' is missing. "
-                                  f"Download the weights first: {DOWNLOAD_HINT}")
-    kind = "sd" if (path / "vae").is_dir() else "if"
+    kind = sampling.detect_family(path)
+    sampling.require(path, ["tokenizer", "text_encoder", "unet", "scheduler"] + (["vae"] if kind == "sd" else []))
     tok_cls, enc_cls = text_classes(path)
     # the text encoder is loaded only to be trained; frozen, its embeddings come from cascade's cache
     b = Backbone(kind=kind, path=path, tokenizer=tok_cls.from_pretrained(path / "tokenizer"),
@@ -259,10 +259,7 @@ def load_backbone(cfg, device, frozen_dtype):
         b.vae = AutoencoderKL.from_pretrained(path / "vae", dtype=frozen_dtype, device=device)
     if cfg.sr_model:
         sr = Path(cfg.sr_model)
-        for sub in ("unet", "scheduler", "image_noising_scheduler"):
-            if not (sr / sub).is_dir():
-                raise CheckpointError(f"'{sr}' is not an IF stage-II directory: '{sub}/' is missing. "
-                                      f"Download it first: {DOWNLOAD_HINT}")
+        sampling.require(sr, ["unet", "scheduler", "image_noising_scheduler"])
         b.sr_path = sr
         b.sr_unet = UNet.from_pretrained(sr / "unet", device=device)
         b.sr_schedule = DiscreteSchedule.from_pretrained(sr / "scheduler")
@@ -801,7 +798,18 @@ def main(argv=None):
 
 
 def run(cfg):
-    """One DreamBooth run (steps 1-5 of the module docstring) with the settings cfg (a TrainConfig)."""
+    """One DreamBooth run (steps 1-5 of the module docstring) with the settings cfg (a TrainConfig).
+
+    Returns the output directory. Torch's deterministic-algorithms switch is put back afterwards, so a notebook or a
+    test session that calls run() keeps its own setting."""
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _run(cfg)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+
+
+def _run(cfg):
     t_start = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -48,8 +48,9 @@ def test_snr_weight_makes_eq1_equal_to_eps_mse(name):
     alpha_t, sigma_t = alpha_t.double(), sigma_t.double()
     x_hat = (z_t - sigma_t * eps_hat) / alpha_t
     w_t = snr_weight_for_eps_loss(alpha_t, sigma_t)
-    assert torch.allclose(w_t.flatten(), (schedule.alphas_cumprod[T_BATCH] / (1 - schedule.alphas_cumprod[T_BATCH])).double(),
-                          rtol=1e-5), "w_t must be the SNR alpha_t^2 / sigma_t^2 = alpha_bar_t / (1 - alpha_bar_t)"
+    alpha_bar = schedule.alphas_cumprod[T_BATCH].double()
+    assert torch.allclose(w_t.flatten(), alpha_bar / (1 - alpha_bar), rtol=1e-5), \
+        "w_t must be the SNR alpha_t^2 / sigma_t^2 = alpha_bar_t / (1 - alpha_bar_t)"
     weighted = eq1(x_hat, x, w_t)
     eps_mse = ((eps_hat - eps) ** 2).flatten(1).mean(1)
     assert_close(weighted, eps_mse, 1e-6 * float(eps_mse.max()), f"eq. (1) with w_t = SNR vs the eps-MSE ({name})")

@@ -160,7 +160,7 @@ def test_ancestral_learned_range_requires_variance_channels():
 
 @pytest.mark.task3_1
 def test_ddim_eta0_is_deterministic_and_exact_on_a_perfect_denoiser():
-    """With the true eps (model_out = eps), DDIM eta = 0 maps z_t = alpha_t x + sigma_t eps to z_s = alpha_s x + sigma_s eps."""
+    """Given the true eps as model_out, DDIM (eta = 0) maps alpha_t x + sigma_t eps to alpha_s x + sigma_s eps."""
     schedule = DiscreteSchedule.from_config({"clip_sample": False, "trained_betas": SCHEDULES["linear.betas"].tolist()})
     g = torch.Generator().manual_seed(1)
     x, eps = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)

@@ -113,7 +113,8 @@ def test_alpha_sigma_shapes_and_variance_preservation():
 def test_q_sample_matches_reference_add_noise(name):
     s = reference_schedule(name)
     z_t = s.q_sample(FORWARD["x"], FORWARD["t"], FORWARD["eps"])
-    assert_close(z_t, FORWARD[f"{name}.z_t"], 1e-6, f"z_t = alpha_t x + sigma_t eps ({name}, t = {FORWARD['t'].tolist()})")
+    assert_close(z_t, FORWARD[f"{name}.z_t"], 1e-6,
+                 f"z_t = alpha_t x + sigma_t eps ({name}, t = {FORWARD['t'].tolist()})")
 
 
 @pytest.mark.task1_2
@@ -144,8 +145,9 @@ def test_v_matches_reference_get_velocity(name):
 
 
 @pytest.mark.parametrize("name", ["linear", "squaredcos_cap_v2"])
-@pytest.mark.parametrize("func, expected", [pytest.param(x_from_v, "x", marks=pytest.mark.task1_4, id="x_from_v"),
-                                            pytest.param(eps_from_v, "eps", marks=pytest.mark.task1_5, id="eps_from_v")])
+@pytest.mark.parametrize("func, expected", [
+    pytest.param(x_from_v, "x", marks=pytest.mark.task1_4, id="x_from_v"),
+    pytest.param(eps_from_v, "eps", marks=pytest.mark.task1_5, id="eps_from_v")])
 def test_v_conversions_invert_reference_velocity(name, func, expected):
     s = reference_schedule(name)
     alpha_t, sigma_t = s.alpha_sigma(FORWARD["t"])

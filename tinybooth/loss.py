@@ -7,7 +7,7 @@ Eq. (1) of the paper trains x_hat_theta to recover the image x from its noised v
 Public checkpoints are trained on the *eps*-MSE || eps_hat - eps ||^2 instead (IF, SD 1.x), or on a v-MSE. These are
 the same loss with another w_t. From x = (z_t - sigma_t eps) / alpha_t (schedule.x_from_eps), at a fixed z_t
 
-    x_hat - x = -(sigma_t / alpha_t) (eps_hat - eps)   =>   || eps_hat - eps ||^2 = (alpha_t^2 / sigma_t^2) || x_hat - x ||^2
+    x_hat - x = -(sigma_t / alpha_t) (eps_hat - eps)  =>  ||eps_hat - eps||^2 = (alpha_t^2 / sigma_t^2) ||x_hat - x||^2
 
 so the eps-MSE is eq. (1) with w_t = alpha_t^2 / sigma_t^2 = SNR(t) (`snr_weight_for_eps_loss`). Likewise
 v_hat - v = -(x_hat - x) / sigma_t (from x = alpha_t z_t - sigma_t v), so the v-MSE is eq. (1) with
@@ -16,7 +16,8 @@ w_t = 1 / sigma_t^2 = SNR(t) + 1; predicting x directly is w_t = 1.
 DreamBooth fine-tunes with eq. (2): the subject's images x with the prompt c ("a [V] dog") plus images x_pr that the
 frozen model generated for the class prompt c_pr ("a dog"), weighted by lambda:
 
-    E [ w_t || x_hat(alpha_t x + sigma_t eps, c) - x ||^2 + lambda w_t' || x_hat(alpha_t' x_pr + sigma_t' eps', c_pr) - x_pr ||^2 ]   (2)
+    E [ w_t || x_hat(alpha_t x + sigma_t eps, c) - x ||^2
+        + lambda w_t' || x_hat(alpha_t' x_pr + sigma_t' eps', c_pr) - x_pr ||^2 ]                                (2)
 
 Here ||.||^2 is averaged over the C*H*W entries of an image (the public training scripts' mean-squared error),
 which only rescales eq. (1) by a constant.
@@ -56,7 +57,8 @@ def denoising_loss(x_hat, x, w_t, reduction="mean"):
 def snr_weight_for_eps_loss(alpha_t, sigma_t):
     """w_t = alpha_t^2 / sigma_t^2 = SNR(t): the weighting under which eq. (1) equals the eps-MSE.
 
-    Proof: x_hat - x = -(sigma_t / alpha_t)(eps_hat - eps) at fixed z_t, so SNR(t) ||x_hat - x||^2 = ||eps_hat - eps||^2.
+    Proof: at fixed z_t, x_hat - x = -(sigma_t / alpha_t)(eps_hat - eps), hence SNR(t) ||x_hat - x||^2 equals
+    ||eps_hat - eps||^2.
     """
     # BEGIN ASSIGN 2.2
     # HINT: alpha_t ** 2 / sigma_t ** 2
@@ -67,7 +69,7 @@ def snr_weight_for_eps_loss(alpha_t, sigma_t):
 def diffusion_loss(model_out, x, eps, z_t, t, schedule, reduction="mean"):
     """The loss public checkpoints train with: the MSE between the network output and its own target,
 
-        epsilon: || eps_hat - eps ||^2     v_prediction: || v_hat - v ||^2, v = alpha_t eps - sigma_t x     sample: || x_hat - x ||^2
+        epsilon: ||eps_hat - eps||^2    v_prediction: ||v_hat - v||^2, v = alpha_t eps - sigma_t x    sample: ||x_hat - x||^2
 
     i.e. eq. (1) with w_t = SNR(t), SNR(t) + 1 and 1 (see the module docstring). Only the first C channels of
     model_out are used, so IF's 2C-channel output (eps + learned variance) works; like the public fine-tuning scripts,

@@ -39,7 +39,7 @@ def timesteps(schedule, num_steps, spacing=None):
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps = {num_steps} must lie in 1..{T} (num_train_timesteps)")
     # BEGIN ASSIGN 3.5
-    # HINT: leading: torch.arange(N) * (T // N) reversed + steps_offset; trailing: round(arange(T, 0, -T/N)) - 1 (float64); linspace: round(linspace(0, T-1, N)) reversed (float64)
+    # HINT: leading: arange(N) * (T // N) + steps_offset, reversed; trailing: round(arange(T, 0, -T / N)) - 1; linspace: round(linspace(0, T - 1, N)), reversed (float64 before rounding)
     if spacing == "leading":
         ts = torch.arange(num_steps, dtype=torch.long) * (T // num_steps) + schedule.config["steps_offset"]
         return ts.flip(0)
@@ -59,7 +59,7 @@ def dynamic_threshold(x0, ratio, max_value):
     inwards instead of flattening them. x0: [B, ...]; returns the same shape and dtype.
     """
     # BEGIN ASSIGN 3.4
-    # HINT: flat = x0.float().reshape(B, -1); s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1, max_value)[:, None]; (flat.clamp(-s, s) / s).reshape(x0.shape)
+    # HINT: per sample (x0.float().reshape(B, -1)): s = torch.quantile(|x0|, ratio, dim=1) clamped to [1, max_value]; clamp(x0, -s, s) / s
     flat = x0.float().reshape(x0.shape[0], -1)  # [B, D]; quantile needs fp32
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value)[:, None]  # [B, 1]
     return (flat.clamp(-s, s) / s).reshape(x0.shape).to(x0.dtype)
@@ -82,7 +82,7 @@ def classifier_free_guidance(out_uncond, out_cond, scale, channels=None):
 
 
 def _alpha_bars(schedule, t, t_prev, final, device):
-    """(alpha_bar_t, alpha_bar_s) as 0-d float32 tensors; alpha_bar_s = `final` when t_prev < 0 (after the last step)."""
+    """(alpha_bar_t, alpha_bar_s) as 0-d float32 tensors; alpha_bar_s = `final` when t_prev < 0 (past the end)."""
     alphas_cumprod = schedule.alphas_cumprod
     alpha_bar_s = alphas_cumprod[int(t_prev)] if int(t_prev) >= 0 else torch.tensor(final)
     return alphas_cumprod[int(t)].to(device), alpha_bar_s.to(device)
@@ -123,7 +123,7 @@ def ddim_step(model_out, t, t_prev, z_t, schedule, eta=0.0, noise=None, generato
     alpha_bar_t, alpha_bar_s = _alpha_bars(schedule, t, t_prev, final, z_t.device)
     x_hat, eps_hat = _x_and_eps(model_out, z_t, alpha_bar_t, cfg)
     # BEGIN ASSIGN 3.1
-    # HINT: var = (1 - alpha_bar_s) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_s); std = eta * sqrt(var); z_s = sqrt(alpha_bar_s) x_hat + sqrt(1 - alpha_bar_s - std^2) eps_hat (+ std * noise if eta > 0)
+    # HINT: std = sigma_eta of the docstring; z_s = sqrt(alpha_bar_s) x_hat + sqrt(1 - alpha_bar_s - std^2) eps_hat, plus std * noise if eta > 0
     variance = (1 - alpha_bar_s) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_s)
     std = eta * variance ** 0.5  # sigma_eta
     z_s = alpha_bar_s ** 0.5 * x_hat + (1 - alpha_bar_s - std ** 2) ** 0.5 * eps_hat
@@ -138,7 +138,8 @@ def ancestral_step(model_out, t, t_prev, z_t, schedule, noise=None, generator=No
 
     With beta = 1 - alpha_bar_t / alpha_bar_s (alpha_bar_{-1} = 1), computed from alpha_bar ratios so that any grid
     of timesteps works:
-        mean = sqrt(alpha_bar_s) beta / (1 - alpha_bar_t) x_hat + sqrt(1 - beta) (1 - alpha_bar_s) / (1 - alpha_bar_t) z_t
+        mean = sqrt(alpha_bar_s) beta / (1 - alpha_bar_t) x_hat
+             + sqrt(1 - beta) (1 - alpha_bar_s) / (1 - alpha_bar_t) z_t
         var  = fixed_small: (1 - alpha_bar_s) / (1 - alpha_bar_t) beta (clamped to >= 1e-20); fixed_large: beta;
                learned_range: exp(frac log beta + (1 - frac) log var_small), frac = (v + 1) / 2
         z_s  = mean + sqrt(var) noise, with no noise on the last step (t_prev = -1: alpha_bar_s = 1, var_small = 0)
@@ -155,7 +156,7 @@ def ancestral_step(model_out, t, t_prev, z_t, schedule, noise=None, generator=No
     alpha_bar_t, alpha_bar_s = _alpha_bars(schedule, t, t_prev, 1.0, z_t.device)
     x_hat, _ = _x_and_eps(model_out, z_t, alpha_bar_t, cfg)
     # BEGIN ASSIGN 3.2
-    # HINT: beta = 1 - alpha_bar_t / alpha_bar_s; mean = sqrt(alpha_bar_s) * beta / (1 - alpha_bar_t) * x_hat + sqrt(1 - beta) * (1 - alpha_bar_s) / (1 - alpha_bar_t) * z_t; var_small = clamp((1 - alpha_bar_s) / (1 - alpha_bar_t) * beta, min=1e-20); pick var by variance_type; add sqrt(var) * noise unless t_prev < 0 (the last step)
+    # HINT: the docstring's mean and var with beta = 1 - alpha_bar_t / alpha_bar_s; var_small clamped to >= 1e-20; return the mean alone on the last step (t_prev < 0)
     beta = 1 - alpha_bar_t / alpha_bar_s
     mean = (alpha_bar_s ** 0.5 * beta / (1 - alpha_bar_t)) * x_hat \
         + ((1 - beta) ** 0.5 * (1 - alpha_bar_s) / (1 - alpha_bar_t)) * z_t

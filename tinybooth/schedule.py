@@ -145,7 +145,7 @@ def make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end):
     """
     T = num_train_timesteps
     # BEGIN ASSIGN 1.1
-    # HINT: linear: torch.linspace(beta_start, beta_end, T); scaled_linear: linspace of the square roots, squared; squaredcos_cap_v2: alpha_bar = cosine_alpha_bar(torch.arange(T + 1) / T), betas = (1 - alpha_bar[1:] / alpha_bar[:-1]) capped at MAX_BETA; all float32 on the CPU
+    # HINT: torch.linspace (of square roots, then squared, for scaled_linear); cosine: 1 - alpha_bar(t_{i+1}) / alpha_bar(t_i) from cosine_alpha_bar on t = arange(T + 1) / T in float64, capped at MAX_BETA; return float32
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float32, device="cpu")
     if beta_schedule == "scaled_linear":

@@ -69,7 +69,8 @@ def snr_weight_for_eps_loss(alpha_t, sigma_t):
 def diffusion_loss(model_out, x, eps, z_t, t, schedule, reduction="mean"):
     """The loss public checkpoints train with: the MSE between the network output and its own target,
 
-        epsilon: ||eps_hat - eps||^2    v_prediction: ||v_hat - v||^2, v = alpha_t eps - sigma_t x    sample: ||x_hat - x||^2
+        epsilon: ||eps_hat - eps||^2     sample: ||x_hat - x||^2
+        v_prediction: ||v_hat - v||^2 with v = alpha_t eps - sigma_t x
 
     i.e. eq. (1) with w_t = SNR(t), SNR(t) + 1 and 1 (see the module docstring). Only the first C channels of
     model_out are used, so IF's 2C-channel output (eps + learned variance) works; like the public fine-tuning scripts,

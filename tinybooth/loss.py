@@ -72,7 +72,7 @@ def diffusion_loss(model_out, x, eps, z_t, t, schedule, reduction="mean"):
         epsilon: ||eps_hat - eps||^2     sample: ||x_hat - x||^2
         v_prediction: ||v_hat - v||^2 with v = alpha_t eps - sigma_t x
 
-    i.e. eq. (1) with w_t = SNR(t), SNR(t) + 1 and 1 (see the module docstring). Only the first C channels of
+    i.e. eq. (1) with w_t = SNR(t), 1 and SNR(t) + 1 respectively (module docstring). Only the first C channels of
     model_out are used, so IF's 2C-channel output (eps + learned variance) works; like the public fine-tuning scripts,
     the variance half gets no loss. model_out: [B, C or 2C, H, W]; x, eps, z_t: [B, C, H, W] with
     z_t = schedule.q_sample(x, t, eps) the network's input (checked for shape only); t: LongTensor [B].

@@ -179,8 +179,10 @@ def sample(denoise_fn, schedule, shape, num_steps, sampler="ddim", eta=0.0, gene
     """Generate: z_T ~ N(0, I), then `num_steps` sampler steps on the grid `timesteps(schedule, num_steps)`.
 
     denoise_fn(z_t [B, C, H, W], t LongTensor [B]) -> model_out (wrap classifier-free guidance inside it).
-    sampler: "ddim" (with eta) or "ancestral". Noise is drawn from `generator` in the same order as diffusers'
-    pipelines (z_T first, then one draw per stochastic step), so a seeded run reproduces theirs.
+    sampler: "ddim" (with eta) or "ancestral". Each step goes to the next grid point (-1 after the last). Noise is
+    drawn from `generator` in the same order as diffusers' pipelines (z_T first, then one draw per stochastic step),
+    so a seeded run reproduces theirs. (diffusers' DDIMScheduler steps by T // N instead of to the next grid point;
+    the two agree except on 'linspace' grids and 'trailing' grids with N not dividing T.)
     Returns z_0 [shape], or (z_0, trajectory [N + 1, *shape]) with return_trajectory.
     """
     if sampler not in ("ddim", "ancestral"):

@@ -168,3 +168,15 @@ def test_ddim_eta0_is_deterministic_and_exact_on_a_perfect_denoiser():
     z_s = ddim_step(eps, 600, 300, alpha_t * x + sigma_t * eps, schedule, eta=0.0, generator=g)
     assert_close(z_s, alpha_s * x + sigma_s * eps, 1e-5,
                  "DDIM eta=0 with a perfect eps prediction must land on z_s = alpha_s x + sigma_s eps")
+
+
+@pytest.mark.task3_1
+@pytest.mark.task3_5
+def test_sample_honours_dtype_and_z_T():
+    schedule = run_schedule("vpred_ddim_trailing")
+    denoise = lambda z, t: toy_model(z.float(), t, schedule.alphas_cumprod, "v_prediction").to(z.dtype)
+    out = sample(denoise, schedule, (1, 3, 4, 4), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float64 and out.shape == (1, 3, 4, 4), f"got {out.dtype} {tuple(out.shape)}"
+    z_T = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    again = sample(denoise, schedule, (1, 3, 4, 4), 4, z_T=z_T)
+    assert torch.equal(out, again), "sample(z_T=...) must start from the given z_T (eta = 0: deterministic)"

@@ -292,11 +292,16 @@ def test_sd_lora_run_saves_adapters_and_a_merged_public_model(tiny_sd, photos, t
     assert (out / "model" / "vae").is_dir() and (out / "samples.png").exists()
 
 
-def test_gradient_checkpointing_and_grad_accum_run(tiny_if, photos, tmp_path):
+@pytest.mark.parametrize("lora_rank", ["0", "2"], ids=["full", "lora"])
+def test_bf16_autocast_checkpointing_and_grad_accum_run(tiny_if, photos, tmp_path, lora_rank):
     out = tmp_path / "run"
     train.main(_if_args(tiny_if, photos, out, "--gradient-checkpointing", "--grad-accum", "2", "--max-steps", "2",
-                        "--sr-steps", "1", "--num-samples", "0", "--mixed-precision", "bf16"))
-    assert (out / "model" / "unet").is_dir()
+                        "--sr-steps", "1", "--num-samples", "0", "--mixed-precision", "bf16",
+                        "--lora-rank", lora_rank))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ckpt["trainable"].values()), \
+        "trained weights (full or LoRA) stay fp32 under bf16 autocast"
+    assert UNet.from_pretrained(out / "model" / "unet") is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------

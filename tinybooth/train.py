@@ -406,7 +406,8 @@ def dreambooth_loss(unet, schedule, x, c, x_pr, c_pr, lambda_prior, generator, x
     eps = torch.randn(x_all.shape, generator=generator, device=generator.device).to(x_all.device, x_all.dtype)
     z_t = schedule.q_sample(x_all, t, eps)  # alpha_t x + sigma_t eps
     model_in = z_t if x_cond is None else torch.cat([z_t, x_cond], dim=1)  # SR: [z_t ; x_up], [B, 6, H, W]
-    model_out = unet(model_in, t, c_all, noise_level=noise_level)
+    dtype = next((p.dtype for p in unet.parameters()), model_in.dtype)  # a LoRA run's frozen base may be bf16
+    model_out = unet(model_in.to(dtype), t, c_all.to(dtype), noise_level=noise_level)
     per_sample = diffusion_loss(model_out, x_all, eps, z_t, t, schedule, reduction="none")  # [B (+ B_pr)]
     if x_pr is None:
         loss = per_sample.mean()
@@ -683,18 +684,17 @@ def save_pipeline(src, dst, trained):
     """Write a pipeline directory in the public layout: trained components {name: module} saved with
     save_pretrained, every other sub-directory (tokenizer, scheduler, ...) linked or copied from src."""
     src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    if dst.exists():  # a previous run's output (the trained parts of this run are in memory)
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
     for item in sorted(src.iterdir()):
-        target = dst / item.name
-        if item.name in trained or target.exists():
+        if item.name in trained:
             continue
         if item.is_dir():
-            shutil.copytree(item, target, copy_function=_link_or_copy)
+            shutil.copytree(item, dst / item.name, copy_function=_link_or_copy)
         else:
-            _link_or_copy(item, target)
+            _link_or_copy(item, dst / item.name)
     for name, module in trained.items():
-        if (dst / name).exists():
-            shutil.rmtree(dst / name)
         module.save_pretrained(dst / name)
     return dst
 

@@ -58,12 +58,12 @@ MAX_TEXT_LENGTH = 77  # tokens per prompt, as IF and SD 1.x
 # Settings that depend on the backbone; the user's flags override them. Paper: lr 1e-5 (Imagen), 5e-6 (SD),
 # ~1000 steps. The toy model is ~100x smaller and must finish in ~3 CPU minutes: higher lr, fewer steps.
 BACKBONE_DEFAULTS = {
-    "toy": dict(lr=1e-4, max_steps=160, sr_steps=60, batch_size=4, num_class_images=48, class_steps=50,
-                sample_steps=50, guidance=4.0, checkpoint_every=100),
+    "toy": dict(lr=1e-4, max_steps=160, sr_steps=60, batch_size=4, num_class_images=32, class_steps=25,
+                sample_steps=25, guidance=5.0, checkpoint_every=100, num_samples=3),
     "if": dict(lr=1e-5, max_steps=1000, sr_steps=500, batch_size=1, num_class_images=200, class_steps=100,
-               sample_steps=50, guidance=7.0, checkpoint_every=250),
+               sample_steps=50, guidance=7.0, checkpoint_every=250, num_samples=4),
     "sd": dict(lr=5e-6, max_steps=1000, sr_steps=0, batch_size=1, num_class_images=200, class_steps=50,
-               sample_steps=50, guidance=7.5, checkpoint_every=250),
+               sample_steps=50, guidance=7.5, checkpoint_every=250, num_samples=4),
 }
 
 
@@ -151,7 +151,7 @@ def build_parser():
     a("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (backbone default)")
     a("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
-    a("--num-samples", type=int, default=4, help="images per prompt in the sample grid")
+    a("--num-samples", type=int, help="images per prompt in the sample grid (0: no samples)")
     a("--sample-steps", type=int, help="sampling steps for the sample grid")
     a("--guidance", type=float, help="classifier-free guidance scale (class images and samples)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -201,7 +201,7 @@ def settings_from_args(argv=None):
         batch_size=pick("batch_size"), grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
         seed=args.seed, deterministic=args.deterministic, mixed_precision=mixed,
         gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=pick("checkpoint_every"),
-        resume=args.resume, num_samples=args.num_samples, sample_steps=pick("sample_steps"),
+        resume=args.resume, num_samples=pick("num_samples"), sample_steps=pick("sample_steps"),
         guidance=pick("guidance"), device=args.device)
     for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "class_steps", "sample_steps"):
         if getattr(cfg, name) < 1:

@@ -94,9 +94,10 @@ def load_unet(path, dtype, device):
 
 def generate(model, prompts, sr_model=None, num_images=1, seed=0, steps=None, guidance=None, sampler=None,
              eta=0.0, sr_steps=None, sr_guidance=None, sr_noise_level=cascade.IF_NOISE_LEVEL, device="cpu",
-             dtype=torch.float32, cache_dir=None, progress=True):
+             dtype=torch.float32, cache_dir=None, text_device=None, progress=True):
     """Images for every (prompt, image) pair: {"images": [P * N, 3, H, W] in [-1, 1], "stage1": ... or None,
-    "settings": dict}. See the module docstring for what runs."""
+    "settings": dict}. See the module docstring for what runs. text_device: where the text encoder runs (default:
+    device; "cpu" when T5-XXL, 9.5 GB in bf16, does not fit the GPU)."""
     family = detect_family(model)
     if family == "sr":
         raise ValueError(f"'{model}' is an IF stage-II (super-resolution) model; pass it as --sr-model and give a "
@@ -120,8 +121,8 @@ def generate(model, prompts, sr_model=None, num_images=1, seed=0, steps=None, gu
     # 1. text, once; the encoder leaves before any U-Net arrives
     text_dtype = torch.float32 if dtype == torch.float16 else dtype   # T5 overflows in fp16
     try:
-        c, _ = cascade.encode_prompts(prompts + [""], model, family, cache_dir=cache_dir, device=device,
-                                      dtype=text_dtype)
+        c, _ = cascade.encode_prompts(prompts + [""], model, family, cache_dir=cache_dir,
+                                      device=text_device or device, dtype=text_dtype)
     except CheckpointError as e:
         raise CheckpointError(f"{e}\n{download_hint(model)}") from None
     c, c_uncond = c[:-1].repeat_interleave(num_images, 0), c[-1:]          # [P N, L, D], [1, L, D]
@@ -211,6 +212,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="U-Net precision (default: bf16 on a GPU, fp32 on the CPU); text in bf16/fp32, VAE in fp32")
+    p.add_argument("--text-device", default=None,
+                   help="where T5 / CLIP runs, once per new prompt (default: --device; 'cpu' if T5-XXL does not fit)")
     p.add_argument("--cache-dir", type=Path, default=None, help="text-embedding cache (default ~/.cache/tinybooth)")
     p.add_argument("--out", type=Path, default=Path("grid.png"), help="output PNG (default grid.png)")
     args = p.parse_args(argv)
@@ -223,7 +226,7 @@ def main(argv=None):
     try:
         out = generate(args.model, args.prompt, args.sr_model, args.num_images, args.seed, args.steps, args.guidance,
                        args.sampler, args.eta, args.sr_steps, args.sr_guidance, args.sr_noise_level, args.device,
-                       dtype, args.cache_dir)
+                       dtype, args.cache_dir, args.text_device)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -164,3 +164,70 @@ def test_guidance_one_is_the_conditional_prediction(pipes):
     with torch.no_grad():
         cond = unet(z, t, ref["c"])
     close(guided, cond, "guidance 1: eps = eps_uncond + 1 (eps_cond - eps_uncond) = eps_cond", tol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts with a real (tiny, random) T5 and a SentencePiece tokenizer trained here; the embedding cache
+
+T5_TINY = dict(model_type="t5", d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+               relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+               is_gated_act=True, dense_act_fn="gelu_new", layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1)
+CAPTIONS = ["a photo of a dog", "a red star on a blue background", "a cat sitting on a mat", "the quick brown fox",
+            "a small green square", "an oil painting of a dog on the beach"]
+
+
+@pytest.fixture(scope="module")
+def tiny_if_dir(tmp_path_factory):
+    """IF stage I in the public layout: the fixture U-Net (T5 width 16) + a random T5 + a trained spiece.model."""
+    import shutil
+    import sentencepiece as spm
+    from tinybooth.text import T5Encoder, T5Tokenizer
+    root = tmp_path_factory.mktemp("tiny_if")
+    shutil.copytree(NOISING / "if1", root, dirs_exist_ok=True)
+    (root / "tokenizer").mkdir()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS * 10), model_prefix=str(root / "tokenizer" / "spiece"),
+                                   vocab_size=40, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    (root / "tokenizer" / "spiece.vocab").unlink()
+    torch.manual_seed(0)
+    vocab = len(T5Tokenizer.from_pretrained(root / "tokenizer"))
+    T5Encoder.from_config(dict(T5_TINY, vocab_size=vocab)).save_pretrained(root / "text_encoder")
+    return root
+
+
+def test_encode_prompts_caches_and_a_hit_never_loads_t5(tiny_if_dir, tmp_path, monkeypatch):
+    from tinybooth import text
+    cache = tmp_path / "cache"
+    c, mask = cascade.encode_prompts(["A photo of a Dog ", "a red star"], tiny_if_dir, "if", cache_dir=cache)
+    assert c.shape == (2, 77, 16) and mask.shape == (2, 77) and c.dtype == torch.float32
+    assert mask[0].sum() < 77 and mask[0, 0] == 1, "the mask marks the tokens (1) and the padding (0)"
+    assert len(list(cache.glob("*.safetensors"))) == 2 and not list(cache.glob("*.tmp"))
+
+    def refuse(*a, **k):
+        raise AssertionError("a cache hit must not load the text encoder or its tokenizer")
+    monkeypatch.setattr(text.T5Encoder, "from_pretrained", refuse)
+    monkeypatch.setattr(text.T5Tokenizer, "from_pretrained", refuse)
+    again, _ = cascade.encode_prompts(["a photo of a dog", "a red star"], tiny_if_dir, "if", cache_dir=cache)
+    assert torch.equal(again, c), "IF lower-cases and strips prompts: 'A photo of a Dog ' is 'a photo of a dog'"
+    with pytest.raises(AssertionError, match="cache hit"):   # a new prompt (or another max_length) is a miss
+        cascade.encode_prompts(["a red star"], tiny_if_dir, "if", cache_dir=cache, max_length=32)
+
+
+def test_cached_embedding_equals_a_direct_t5_run(tiny_if_dir, tmp_path):
+    from tinybooth.text import T5Encoder, T5Tokenizer
+    c, _ = cascade.encode_prompts(["a cat sitting on a mat"], tiny_if_dir, "if", cache_dir=tmp_path)
+    ids, mask = T5Tokenizer.from_pretrained(tiny_if_dir / "tokenizer")(["a cat sitting on a mat"], max_length=77)
+    with torch.no_grad():
+        direct = T5Encoder.from_pretrained(tiny_if_dir / "text_encoder")(ids, attention_mask=mask)
+    assert torch.equal(c, direct), "the cache must hold exactly T5(ids, mask) (IF passes the padding mask to T5)"
+
+
+def test_if_generate_end_to_end_shapes_and_seed(tiny_if_dir, tmp_path):
+    from tinybooth import sample
+    run = lambda seed: sample.generate(tiny_if_dir, ["a red star", "a dog"], NOISING / "if2", num_images=2,  # noqa: E731
+                                       seed=seed, steps=2, sr_steps=2, cache_dir=tmp_path, progress=False)
+    a, b, other = run(0), run(0), run(1)
+    assert a["stage1"].shape == (4, 3, 8, 8) and a["images"].shape == (4, 3, 16, 16), \
+        "2 prompts x 2 images: stage I at the base U-Net's sample_size (8), stage II at the SR U-Net's (16)"
+    assert torch.equal(a["images"], b["images"]), "the same seed must give the same images"
+    assert not torch.allclose(a["images"], other["images"]), "another seed must give other images"
+    assert not torch.allclose(a["images"][0], a["images"][1]), "the images of a prompt differ (seed + i)"

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from . import text
 from .samplers import classifier_free_guidance, sample
 
 IF_NOISE_LEVEL = 250  # IF stage II's default augmentation step (of 1000), diffusers' IFSuperResolutionPipeline
@@ -149,8 +150,8 @@ def text_model_key(model_dir):
     return h.hexdigest()[:16]
 
 
-def _cache_file(cache_dir, text, model_key, max_length):
-    key = hashlib.sha256(json.dumps([text, model_key, max_length]).encode()).hexdigest()
+def _cache_file(cache_dir, prompt, model_key, max_length):
+    key = hashlib.sha256(json.dumps([prompt, model_key, max_length]).encode()).hexdigest()
     return Path(cache_dir) / f"{key}.safetensors"
 
 
@@ -164,7 +165,6 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
     Otherwise it is loaded once (device, dtype: run T5 in bf16 or fp32, never fp16), encodes the missing texts,
     and is freed before returning. Returns float32 tensors on the CPU.
     """
-    from .text import CLIPTextEncoder, CLIPTokenizer, T5Encoder, T5Tokenizer
     if family not in ("if", "sd"):
         raise ValueError(f"family '{family}' is not supported; use 'if' (T5) or 'sd' (CLIP)")
     texts = [t.lower().strip() for t in texts] if family == "if" else list(texts)
@@ -174,9 +174,11 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
     files = {t: _cache_file(cache_dir, t, key, max_length) for t in texts}
     missing = sorted(t for t, f in files.items() if not f.exists())
     if missing:
-        Encoder, Tokenizer = (T5Encoder, T5Tokenizer) if family == "if" else (CLIPTextEncoder, CLIPTokenizer)
+        Encoder, Tokenizer = ((text.T5Encoder, text.T5Tokenizer) if family == "if"
+                              else (text.CLIPTextEncoder, text.CLIPTokenizer))
         tokenizer = Tokenizer.from_pretrained(model_dir / "tokenizer")
-        encoder = Encoder.from_pretrained(model_dir / "text_encoder", dtype=dtype, device=device)
+        encoder = Encoder.from_pretrained(model_dir / "text_encoder", dtype=dtype, device=device,
+                                          variant=stored_variant(model_dir / "text_encoder", "model"))
         ids, mask = tokenizer(missing, max_length=max_length)                  # [M, L] each
         device_ = next(encoder.parameters()).device
         # IF passes the padding mask to T5. SD 1.x does not pass it to CLIP (causal attention only): its U-Net
@@ -185,11 +187,11 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
         with torch.no_grad():
             c = encoder(ids.to(device_), attention_mask=enc_mask)              # [M, L, D]
         cache_dir.mkdir(parents=True, exist_ok=True)
-        for i, text in enumerate(missing):
-            target = files[text]
+        for i, prompt in enumerate(missing):
+            target = files[prompt]
             tmp = target.with_suffix(".tmp")
             save_file({"c": c[i].float().cpu().contiguous(), "mask": mask[i].cpu().contiguous()}, str(tmp),
-                      metadata={"text": text, "max_length": str(max_length)})
+                      metadata={"text": prompt, "max_length": str(max_length)})
             os.replace(tmp, target)                                            # never a half-written cache entry
         del encoder, c
         if torch.cuda.is_available():
@@ -212,8 +214,7 @@ def guided_denoiser(unet, c, c_uncond, guidance, out_channels, extra_input=None,
     """
     dtype, device = next(unet.parameters()).dtype, next(unet.parameters()).device
     cfg = guidance > 1.0
-    text = torch.cat([c_uncond.expand_as(c), c]) if cfg else c               # [2B or B, L, D]
-    text = text.to(device, dtype)
+    c_in = (torch.cat([c_uncond.expand_as(c), c]) if cfg else c).to(device, dtype)   # [2B or B, L, D]
     if extra_input is not None:
         extra_input = torch.cat([extra_input] * 2) if cfg else extra_input
     if noise_level is not None:
@@ -224,7 +225,7 @@ def guided_denoiser(unet, c, c_uncond, guidance, out_channels, extra_input=None,
         if extra_input is not None:
             x_in = torch.cat([x_in, extra_input], dim=1)                      # [2B, C + C', H, W]
         t_in = torch.cat([t] * 2) if cfg else t
-        out = unet(x_in.to(device, dtype), t_in.to(device), text, noise_level=noise_level).float()
+        out = unet(x_in.to(device, dtype), t_in.to(device), c_in, noise_level=noise_level).float()
         if bar is not None:
             bar.update(1)
         if not cfg:

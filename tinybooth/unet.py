@@ -46,11 +46,12 @@ MID_BLOCKS = {"UNetMidBlock2DSimpleCrossAttn": "added_kv", "UNetMidBlock2DCrossA
 _IF_I = dict(act_fn="gelu", addition_embed_type="text", addition_embed_type_num_heads=64, attention_head_dim=64,
              cross_attention_norm="group_norm", encoder_hid_dim=4096, encoder_hid_dim_type="text_proj",
              in_channels=3, out_channels=6, layers_per_block=3, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-             resnet_time_scale_shift="scale_shift", sample_size=64, upcast_attention=True,
+             resnet_time_scale_shift="scale_shift", sample_size=64,
              down_block_types=["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
              up_block_types=["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"])
 PUBLIC_CONFIGS = {
-    # DeepFloyd/IF-I-M-v1.0  (~400 M params)
+    # IF-I-M-sized: the IF-I-XL pattern with IF-I-M's width 192 (published as "400M"; this dict, reconstructed and
+    # not checked against the published file, has 371,605,830 params)
     "IF-I-M": dict(_IF_I, block_out_channels=[192, 384, 576, 768], cross_attention_dim=768),
     # DeepFloyd/IF-I-XL-v1.0: 4,304,695,110 params, 775 tensors
     "IF-I-XL": dict(_IF_I, block_out_channels=[704, 1408, 2112, 2816], cross_attention_dim=2816),

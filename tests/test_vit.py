@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tinybooth import checkpoint, vit
-from tinybooth.vit import CLIPVisionEncoder, DINOEncoder, ViTConfig
+from tinybooth.vit import CLIPTextEmbedder, CLIPVisionEncoder, DINOEncoder, ViTConfig
 
 TOL = 1e-4
 
@@ -37,6 +37,20 @@ def test_clip_image_embeds_match_transformers(fx):
     with torch.no_grad():
         got = model(want["pixel_values"])
     assert_close(got, want["clip_image_embeds"], "CLIP image embeddings visual_projection(LN(z_L[0]))")
+
+
+def test_clip_text_embeds_match_transformers(fx):
+    """CLIP-T's text side: text_projection(c[first eos]) on the CLIPModel's text half, from ids and from prompts
+    (the tiny fixture vocabulary is single letters; transformers' CLIPTokenizer made the expected ids)."""
+    root, want = fx
+    model = CLIPTextEmbedder.from_pretrained(root / "clip")
+    with torch.no_grad():
+        got = model.project(want["clip_input_ids"], eos_id=98)
+    assert_close(got, want["clip_text_embeds"], "CLIP text embeddings text_projection(c[eos])")
+    prompts = ["a dog in the snow", "a red backpack on the beach"]
+    ids, _ = model.tokenizer(prompts, max_length=16)
+    assert torch.equal(ids, want["clip_prompt_ids"]), f"token ids {ids.tolist()} differ from transformers'"
+    assert_close(model.embed(prompts), want["clip_text_embeds_from_prompts"], "CLIP text embeddings of prompts")
 
 
 @pytest.mark.task9_1
@@ -122,6 +136,10 @@ def test_full_size_parameter_counts_on_meta():
     # 151,277,313; ViTModel(facebook/dino-vits16, no pooler) = 21,665,664
     assert n_params(clip) == 87_849_216, f"CLIP ViT-B/32 vision + projection: got {n_params(clip):,}"
     assert n_params(dino) == 21_665_664, f"DINO ViT-S/16: got {n_params(dino):,}"
+    with torch.device("meta"):
+        text = CLIPTextEmbedder.from_config(CLIP_B32)
+    # the rest of CLIPModel: text_model.* + text_projection = 63,428,096 (+ logit_scale, unused, = 151,277,313)
+    assert n_params(text) == 63_428_096, f"CLIP ViT-B/32 text + projection: got {n_params(text):,}"
 
 
 def test_state_dict_keys_are_public_names(fx):

@@ -6,8 +6,8 @@ DreamBooth scores subject fidelity by comparing embeddings of generated and real
     CLIP-I   CLIP image embeddings (Radford et al. 2021), public weights openai/clip-vit-base-patch32
     DINO     self-supervised ViT-S/16 CLS embeddings (Caron et al. 2021), public weights facebook/dino-vits16
 
-and prompt fidelity (CLIP-T) with the CLIP embedding of the prompt (the text side is tinybooth.text's CLIP text
-encoder). Both image encoders are the Vision Transformer of Dosovitskiy et al. (2021):
+and prompt fidelity (CLIP-T) with the CLIP embedding of the prompt (CLIPTextEmbedder below: tinybooth.text's CLIP
+text encoder plus the CLIPModel's `text_projection`). Both image encoders are the Vision Transformer of Dosovitskiy et al. (2021):
 
     z_0 = [x_cls; E p_1; ...; E p_N] + E_pos        p_i: the i-th P x P patch, E a linear map (a stride-P conv)
     z_l' = z_{l-1} + MSA(LN(z_{l-1}))               pre-norm transformer block, l = 1..L
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import checkpoint
+from .text import CLIPTextEncoder
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's sigmoid approximation of gelu
@@ -280,6 +281,20 @@ class CLIPVisionTransformer(nn.Module):
         return self.post_layernorm(z[:, 0])  # y = LN(z_L[0])   [B, D]
 
 
+def read_clip_half(path, prefixes, dtype=None, device=None):
+    """(config.json, the tensors whose names start with `prefixes`) of a transformers CLIPModel directory.
+
+    The file holds both towers; each side keeps its own. Old exports also carry `*.embeddings.position_ids` (the
+    buffer 0..N), which we never need: positions are simply all rows of the position embedding, in order."""
+    path = Path(path)
+    if not path.is_dir():
+        raise checkpoint.CheckpointError(f"CLIP directory '{path}' does not exist. Download the weights first: "
+                                         f"{checkpoint.DOWNLOAD_HINT}")
+    config = checkpoint.read_config(path)
+    state = checkpoint.read_state_dict(checkpoint.find_weight_files(path, "model"), dtype, device or "cpu")
+    return config, {k: v for k, v in state.items() if k.startswith(prefixes) and not k.endswith("position_ids")}
+
+
 class CLIPVisionEncoder(nn.Module):
     """CLIP image embedding: visual_projection(LN(z_L[0])), the vector CLIP-I and CLIP-T compare by cosine.
 
@@ -303,16 +318,7 @@ class CLIPVisionEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        path = Path(path)
-        if not path.is_dir():
-            raise checkpoint.CheckpointError(f"CLIP directory '{path}' does not exist. Download the weights first: "
-                                             f"{checkpoint.DOWNLOAD_HINT}")
-        config = checkpoint.read_config(path)
-        state = checkpoint.read_state_dict(checkpoint.find_weight_files(path, "model"), dtype, device or "cpu")
-        # keep the vision half; old exports also carry `*.embeddings.position_ids` (the buffer 0..N), which we
-        # never need: positions are simply all N+1 rows of the position embedding
-        state = {k: v for k, v in state.items()
-                 if k.startswith(("vision_model.", "visual_projection.")) and not k.endswith("position_ids")}
+        config, state = read_clip_half(path, ("vision_model.", "visual_projection."), dtype, device)
         with torch.device("meta"):
             model = cls.from_config(config)
         return checkpoint.load_into(model, state, name=f"CLIPVisionEncoder in '{path}'").eval()
@@ -332,6 +338,52 @@ class CLIPVisionEncoder(nn.Module):
         """PIL images (or a [B, 3, H, W] tensor in [0, 1]) -> [B, projection_dim], preprocessing included."""
         x = self.preprocess(images).to(self.visual_projection.weight.device)
         return self(x).float()
+
+
+class CLIPTextEmbedder(CLIPTextEncoder):
+    """CLIP text embedding t(p) = text_projection(c[eos]) of a CLIPModel directory: CLIP-T's text side.
+
+    c = tinybooth.text.CLIPTextEncoder(ids) [B, L, D] (the `text_model.*` tensors). CLIP pools a prompt at its
+    end-of-text token and maps it into the joint image-text space with `text_projection.weight` [P, D] (no bias),
+    which only the CLIPModel file has. State dict = the text half of that file, public names unchanged. The
+    tokenizer is tinybooth.text.CLIPTokenizer on the same directory (vocab.json + merges.txt).
+    """
+
+    def __init__(self, config):
+        if config.get("model_type") != "clip":
+            raise ValueError(f"model_type={config.get('model_type')!r}: expected a CLIPModel config.json "
+                             f"(model_type 'clip', e.g. openai/clip-vit-base-patch32)")
+        text_config = {**(config.get("text_config") or {}), **(config.get("text_config_dict") or {})}
+        super().__init__({**text_config, "model_type": "clip_text_model"})
+        self.config = config
+        self.text_projection = nn.Linear(self.c.hidden_size, config.get("projection_dim", 512), bias=False)
+        self.tokenizer = None  # from_pretrained sets it
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        from .text import CLIPTokenizer
+        config, state = read_clip_half(path, ("text_model.", "text_projection."), dtype, device)
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        checkpoint.load_into(model, state, name=f"CLIPTextEmbedder in '{path}'")
+        model.tokenizer = CLIPTokenizer.from_pretrained(path)
+        return model.eval()
+
+    def project(self, input_ids, eos_id):
+        """input_ids [B, L] -> t [B, P]: the hidden state at the first eos_id of each row, projected."""
+        c = self(input_ids)  # [B, L, D]
+        end = (input_ids == eos_id).int().argmax(dim=1)  # first end-of-text position per row   [B]
+        return self.text_projection(c[torch.arange(len(c), device=c.device), end])  # [B, P]
+
+    @torch.no_grad()
+    def embed(self, texts):
+        """Prompts -> t [B, P] (not normalised), tokenised to the model's max_position_embeddings."""
+        ids, _ = self.tokenizer(texts, max_length=self.c.max_position_embeddings)
+        return self.project(ids.to(self.text_projection.weight.device), self.tokenizer.eos_id).float()
 
 
 # ----------------------------------------------------------------------------------------------------------------

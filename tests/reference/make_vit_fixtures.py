@@ -80,6 +80,21 @@ def main():
         expected["clip_text_pooled"] = text_out.pooler_output
         expected["clip_text_embeds"] = clip.text_projection(text_out.pooler_output)
 
+    # a tiny BPE vocabulary for the tiny text tower (ids < 99): single characters only, no merges
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)} | {c + "</w>": 26 + i for i, c in enumerate(letters)}
+    vocab |= {"<|startoftext|>": 97, "<|endoftext|>": 98}
+    (OUT / "clip" / "vocab.json").write_text(json.dumps(vocab))
+    (OUT / "clip" / "merges.txt").write_text("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer(str(OUT / "clip" / "vocab.json"), str(OUT / "clip" / "merges.txt"),
+                        pad_token="<|endoftext|>")
+    prompts = ["a dog in the snow", "a red backpack on the beach"]
+    enc = tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        expected["clip_prompt_ids"] = enc["input_ids"]
+        expected["clip_text_embeds_from_prompts"] = clip.get_text_features(input_ids=enc["input_ids"]).pooler_output
+
     # --- DINO: tiny ViTModel without pooler, published as pytorch_model.bin ------------------------------------
     vit_cfg = ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                         image_size=32, patch_size=8, hidden_act="gelu", layer_norm_eps=1e-12)

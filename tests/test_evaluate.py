@@ -1,0 +1,66 @@
+"""python -m tinybooth.evaluate: prompt sets, the image-folder layout, and scoring end to end on tiny encoders."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tinybooth import evaluate, toyworld
+from tinybooth.lpips import CONFIG, LPIPS
+
+
+def test_paper_prompt_lists_are_chosen_by_class_noun():
+    live, obj = evaluate.prompt_templates("dog"), evaluate.prompt_templates("backpack")
+    assert len(live) == 25 and len(obj) == 25, "the paper evaluates 25 prompts per subject"
+    assert "a {identifier} {class_noun} wearing a santa hat" in live, "cats and dogs get the live-subject list"
+    assert "a {identifier} {class_noun} on top of a mirror" in obj, "objects get the object list"
+    assert live[:10] == obj[:10] and live[20:] == obj[20:], "the two lists share recontextualisation and properties"
+    assert evaluate.paper_prompts()["subjects"]["dog8"] == "dog"
+
+
+def test_clip_t_text_drops_the_identifier():
+    (p,) = evaluate.build_prompts(["a {identifier} {class_noun} in the snow"], "sks", "dog")
+    assert p == {"prompt": "a sks dog in the snow", "text": "a dog in the snow"}
+
+
+def test_prompt_file(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("# my prompts\na {identifier} {class_noun} on the moon\n\na red {identifier} {class_noun}  # colour\n")
+    assert evaluate.prompt_templates("dog", f) == ["a {identifier} {class_noun} on the moon",
+                                                   "a red {identifier} {class_noun}"]
+    with pytest.raises(ValueError, match="neither"):
+        evaluate.prompt_templates("dog", tmp_path / "missing.txt")
+
+
+def make_folder(root, prompts, n=2, side=64):
+    """An image folder in evaluate's layout, filled with toy-world pictures (64 px: LPIPS needs >= 64)."""
+    evaluate.write_layout(root, prompts, "a star")
+    rng = np.random.default_rng(0)
+    for sub in [f"{i:02d}" for i in range(len(prompts))] + ["prior"]:
+        (root / sub).mkdir()
+        for k in range(n):
+            Image.fromarray(toyworld.render(toyworld.random_spec(rng), side)).save(root / sub / f"{k}.png")
+
+
+@pytest.fixture
+def weights_dir(tmp_path, request):
+    """clip-vit-base-patch32 / dino-vits16 / lpips-alex stand-ins: the tiny random fixture encoders and a random
+    LPIPS (public weights cannot be downloaded in tests)."""
+    fx = request.config.rootpath / "tests" / "fixtures" / "vit"
+    w = tmp_path / "weights"
+    shutil.copytree(fx / "clip", w / "clip-vit-base-patch32")
+    shutil.copytree(fx / "dino", w / "dino-vits16")
+    LPIPS.from_config(CONFIG).save_pretrained(w / "lpips-alex")
+    return w
+
+
+def test_missing_encoder_weights_name_the_download_command(tmp_path):
+    with pytest.raises(Exception, match="weights_download.py dino-vits16"):
+        evaluate.PaperScorer(tmp_path)
+
+
+def test_read_layout_explains_a_bad_folder(tmp_path):
+    with pytest.raises(ValueError, match="prompts.json"):
+        evaluate.read_layout(tmp_path)

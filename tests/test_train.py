@@ -112,6 +112,15 @@ def _cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYBOOTH_CACHE", str(tmp_path / "cache"))  # text embeddings: never the user's cache
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These networks are tiny: one thread is faster than two fighting over a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _if_args(tiny_if, photos, out, *extra):
     base, sr = tiny_if
     return ["--model", str(base), "--sr-model", str(sr), "--instance-dir", str(photos), "--class-noun", "blob",

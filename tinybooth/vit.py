@@ -45,12 +45,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import checkpoint
-from .text import CLIPTextEncoder
+from .text import CLIP_ACT, CLIPEncoder, CLIPTextEncoder
 
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's sigmoid approximation of gelu
-    "gelu": F.gelu,                                           # exact: x * Phi(x)
-}
+ACTIVATIONS = CLIP_ACT  # quick_gelu (CLIP: x * sigmoid(1.702 x)) and gelu (DINO: exact x * Phi(x))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +115,7 @@ class ViTConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The transformer math, shared by both encoders (only the tensor names differ)
+# The ViT math: the patch embedding (both encoders) and DINO's attention (CLIP's blocks come from tinybooth.text)
 
 def multi_head_attention(x, q_proj, k_proj, v_proj, out_proj, num_heads):
     """MSA(x) = concat_h softmax(Q_h K_h^T / sqrt(d_h)) V_h, then the output projection. No mask: every patch sees
@@ -209,50 +206,8 @@ def tensor_to_pil(x):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLIP ViT-B/32: vision tower + visual projection of a CLIPModel checkpoint
-
-class CLIPAttention(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.num_heads = c.num_attention_heads
-        self.q_proj = nn.Linear(c.hidden_size, c.hidden_size)
-        self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
-        self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
-        self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
-
-    def forward(self, x):
-        return multi_head_attention(x, self.q_proj, self.k_proj, self.v_proj, self.out_proj, self.num_heads)
-
-
-class CLIPMLP(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.act = ACTIVATIONS[c.hidden_act]
-        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class CLIPEncoderLayer(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.self_attn = CLIPAttention(c)
-        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.mlp = CLIPMLP(c)
-
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))  # z' = z + MSA(LN(z))
-        return x + self.mlp(self.layer_norm2(x))     # z  = z' + MLP(LN(z'))
-
-
-class CLIPEncoder(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(c) for _ in range(c.num_hidden_layers))
-
+# CLIP ViT-B/32: vision tower + visual projection of a CLIPModel checkpoint. Its transformer blocks are the CLIP
+# text encoder's (tinybooth.text.CLIPEncoder: same tensor names, same pre-norm math), run without the causal mask.
 
 class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, c):
@@ -277,7 +232,7 @@ class CLIPVisionTransformer(nn.Module):
     def forward(self, pixel_values):
         z = self.pre_layrnorm(self.embeddings(pixel_values))  # [B, N+1, D]
         for layer in self.encoder.layers:
-            z = layer(z)
+            z = layer(z, None)  # no mask: every patch attends to every patch
         return self.post_layernorm(z[:, 0])  # y = LN(z_L[0])   [B, D]
 
 

@@ -223,11 +223,10 @@ def test_cached_embedding_equals_a_direct_t5_run(tiny_if_dir, tmp_path):
 
 def test_if_generate_end_to_end_shapes_and_seed(tiny_if_dir, tmp_path):
     from tinybooth import sample
-    run = lambda seed: sample.generate(tiny_if_dir, ["a red star", "a dog"], NOISING / "if2", num_images=2,  # noqa: E731
-                                       seed=seed, steps=2, sr_steps=2, cache_dir=tmp_path, progress=False)
-    a, b, other = run(0), run(0), run(1)
-    assert a["stage1"].shape == (4, 3, 8, 8) and a["images"].shape == (4, 3, 16, 16), \
-        "2 prompts x 2 images: stage I at the base U-Net's sample_size (8), stage II at the SR U-Net's (16)"
+    run = lambda: sample.generate(tiny_if_dir, ["a red star"], NOISING / "if2", num_images=2, seed=3,  # noqa: E731
+                                  steps=1, sr_steps=1, cache_dir=tmp_path, progress=False)
+    a, b = run(), run()
+    assert a["stage1"].shape == (2, 3, 8, 8) and a["images"].shape == (2, 3, 16, 16), \
+        "stage I at the base U-Net's sample_size (8), stage II at the SR U-Net's (16)"
     assert torch.equal(a["images"], b["images"]), "the same seed must give the same images"
-    assert not torch.allclose(a["images"], other["images"]), "another seed must give other images"
-    assert not torch.allclose(a["images"][0], a["images"][1]), "the images of a prompt differ (seed + i)"
+    assert not torch.allclose(a["images"][0], a["images"][1]), "image i uses seed + i: the two images must differ"

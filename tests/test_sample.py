@@ -52,7 +52,7 @@ def test_parse_noise_level_accepts_steps_and_continuous_levels(text, level):
 
 def test_if_cascade_cli_writes_grid_with_settings_and_is_seeded(fake_text, tmp_path):
     args = ["--model", str(PIPES / "if1"), "--sr-model", str(PIPES / "if2"), "--prompt", "a dog", "--prompt",
-            "a cat on a mat", "--num-images", "2", "--steps", "2", "--sr-steps", "2", "--seed", "5",
+            "a cat on a mat", "--num-images", "2", "--steps", "1", "--sr-steps", "1", "--seed", "5",
             "--sr-noise-level", "100"]
     assert sample.main(args + ["--out", str(tmp_path / "a.png")]) == 0
     pixels, settings = read_png(tmp_path / "a.png")
@@ -64,7 +64,7 @@ def test_if_cascade_cli_writes_grid_with_settings_and_is_seeded(fake_text, tmp_p
     assert fake_text[0] == (["a dog", "a cat on a mat", ""], "if"), "prompts + the empty prompt, encoded once"
 
     # determinism with a seed: image 1 of a prompt (seed 6) is redrawn, identical, by --seed 6 --num-images 1
-    one = args[:args.index("--num-images")] + ["--num-images", "1", "--steps", "2", "--sr-steps", "2", "--seed", "6",
+    one = args[:args.index("--num-images")] + ["--num-images", "1", "--steps", "1", "--sr-steps", "1", "--seed", "6",
                                                 "--sr-noise-level", "100", "--out", str(tmp_path / "c.png")]
     assert sample.main(one) == 0
     c = read_png(tmp_path / "c.png")[0]

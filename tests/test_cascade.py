@@ -230,3 +230,43 @@ def test_if_generate_end_to_end_shapes_and_seed(tiny_if_dir, tmp_path):
         "stage I at the base U-Net's sample_size (8), stage II at the SR U-Net's (16)"
     assert torch.equal(a["images"], b["images"]), "the same seed must give the same images"
     assert not torch.allclose(a["images"][0], a["images"][1]), "image i uses seed + i: the two images must differ"
+
+
+CLIP_TINY = dict(model_type="clip_text_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                 vocab_size=49408, pad_token_id=1, bos_token_id=49406, eos_token_id=49407, projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dir(tmp_path_factory):
+    """SD 1.x in the public layout: the fixture U-Net and VAE + a random CLIP text model + CLIP's real BPE."""
+    import shutil
+    from conftest import ROOT
+    from tinybooth.text import CLIPTextEncoder
+    root = tmp_path_factory.mktemp("tiny_sd")
+    shutil.copytree(NOISING / "sd", root, dirs_exist_ok=True)
+    shutil.copytree(ROOT / "tinybooth" / "assets" / "clip", root / "tokenizer")
+    torch.manual_seed(0)
+    CLIPTextEncoder.from_config(CLIP_TINY).save_pretrained(root / "text_encoder")
+    return root
+
+
+def test_sd_prompts_are_encoded_without_the_padding_mask(tiny_sd_dir, tmp_path):
+    from tinybooth.text import CLIPTextEncoder, CLIPTokenizer
+    c, mask = cascade.encode_prompts(["a photo of a dog"], tiny_sd_dir, "sd", cache_dir=tmp_path)
+    ids, _ = CLIPTokenizer.from_pretrained(tiny_sd_dir / "tokenizer")(["a photo of a dog"], max_length=77)
+    with torch.no_grad():
+        direct = CLIPTextEncoder.from_pretrained(tiny_sd_dir / "text_encoder")(ids)
+    assert torch.equal(c, direct), ("SD's pipeline runs CLIP with its causal mask only; the U-Net reads all 77 "
+                                    "outputs, padding included, so no padding mask may be passed")
+    assert mask[0, :7].tolist() == [1] * 7 and mask[0, 7] == 0, "<start> a photo of a dog <end>: 7 tokens"
+
+
+@pytest.mark.slow
+def test_sd_generate_end_to_end(tiny_sd_dir):
+    from tinybooth import sample
+    cache = tiny_sd_dir / "cache"   # shared with nothing else; the second run hits it
+    out = sample.generate(tiny_sd_dir, ["a dog"], num_images=2, steps=1, cache_dir=cache, progress=False)
+    again = sample.generate(tiny_sd_dir, ["a dog"], num_images=2, steps=1, cache_dir=cache, progress=False)
+    assert out["images"].shape == (2, 3, 8, 8), "4x4 latents decoded by a x2 VAE"
+    assert torch.equal(out["images"], again["images"]) and out["settings"]["sampler"] == "ddim"

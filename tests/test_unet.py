@@ -191,6 +191,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(fixtures_dir, name):
     assert_close(gt2, gt, "d loss / d text with checkpointing", 1e-5)
     for k, p in model.named_parameters():
         assert_close(p.grad, grads[k], f"gradient of {k} with checkpointing", 1e-5)
+    saved = {}
+    for enabled in (False, True):   # and it must actually store less for backward
+        model.enable_gradient_checkpointing(enabled)
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            run(model, io, io["sample"].requires_grad_())
+        saved[enabled] = sum(sizes)
+    assert saved[True] < 0.5 * saved[False], f"checkpointing saved {saved[True]} vs {saved[False]} numbers"
 
 
 @pytest.mark.parametrize("name", [IF1, SD_CONV])

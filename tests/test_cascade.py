@@ -10,6 +10,15 @@ from conftest import FIXTURES
 
 NOISING = FIXTURES / "cascade"
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The fixture models are tiny: one thread avoids thread-synchronisation stalls on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 @pytest.fixture(scope="module")
 def noising_ref():
@@ -262,7 +271,6 @@ def test_sd_prompts_are_encoded_without_the_padding_mask(tiny_sd_dir, tmp_path):
     assert mask[0, :7].tolist() == [1] * 7 and mask[0, 7] == 0, "<start> a photo of a dog <end>: 7 tokens"
 
 
-@pytest.mark.slow
 def test_sd_generate_end_to_end(tiny_sd_dir):
     from tinybooth import sample
     cache = tiny_sd_dir / "cache"   # shared with nothing else; the second run hits it

@@ -189,6 +189,19 @@ def test_sr_conditioning_is_the_upsampled_photo_noised_at_the_level():
         "at level 250 the input is alpha x_up + sigma eps with unit-variance eps"
 
 
+def test_rare_identifier_stays_one_token_and_survives_if_lower_casing():
+    from types import SimpleNamespace
+    from tinybooth import rare_tokens
+    from tinybooth.text import T5Tokenizer
+    tok = T5Tokenizer.from_pretrained(TOY / "toy-IF-I" / "tokenizer")
+    identifier = train.choose_identifier(SimpleNamespace(identifier=None, seed=0), SimpleNamespace(tokenizer=tok,
+                                                                                                  kind="if"))
+    assert identifier == identifier.lower() and rare_tokens.count_tokens(tok, identifier) == 1, \
+        f"[V] = {identifier!r} must be one token and lower case (IF's pipeline lower-cases prompts)"
+    assert identifier in rare_tokens.rare_token_candidates(tok, seed=0), "[V] comes from the paper's search"
+    assert train.choose_identifier(SimpleNamespace(identifier="sks", seed=0), None) == "sks"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # whole runs on tiny public-layout checkpoints
 

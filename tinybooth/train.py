@@ -282,11 +282,17 @@ def text_classes(path):
 # ----------------------------------------------------------------------------------------------------------------
 # step 1: identifier and prompts
 
-def choose_identifier(cfg, tokenizer):
-    """--identifier, or the paper's rare-token search (Sec. 4.1) with the run's seed."""
+def choose_identifier(cfg, backbone):
+    """--identifier, or the paper's rare-token search (Sec. 4.1) with the run's seed: the first candidate that stays
+    one token inside a prompt, and for IF (whose pipeline lower-cases every prompt) is already lower case, so that
+    the token trained is the token later asked for ('Mul' would become 'mul', another token)."""
     if cfg.identifier:
         return cfg.identifier
-    return rare_tokens.find_rare_identifier(tokenizer, k=1, seed=cfg.seed)
+    tok = backbone.tokenizer
+    for text in rare_tokens.rare_token_candidates(tok, seed=cfg.seed):
+        if rare_tokens.count_tokens(tok, text) == 1 and (backbone.kind != "if" or text == text.lower()):
+            return text
+    raise ValueError("the rare-token search found no identifier that stays one token; pass --identifier")
 
 
 def subject_prompt(identifier, class_noun, template="a {}"):
@@ -820,7 +826,7 @@ def _run(cfg):
     backbone = load_backbone(cfg, device, frozen_dtype)
 
     # 1. identifier and prompts
-    identifier = choose_identifier(cfg, backbone.tokenizer)
+    identifier = choose_identifier(cfg, backbone)
     cfg = replace(cfg, identifier=identifier)
     instance_prompt, class_prompt = subject_prompt(identifier, cfg.class_noun), f"a {cfg.class_noun}"
     prompts = sample_prompts(cfg, identifier)

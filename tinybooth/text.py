@@ -368,6 +368,11 @@ class T5Tokenizer:
     def vocab_size(self):
         return self.sp.get_piece_size() + self.extra_ids
 
+    @property
+    def num_pieces(self):
+        """Ids 0..num_pieces-1 are the learned vocabulary (the sentinel <extra_id_i> come after)."""
+        return self.sp.get_piece_size()
+
     def __len__(self):
         return self.vocab_size
 
@@ -381,8 +386,8 @@ class T5Tokenizer:
                                 self.pad_id)
 
     def decode(self, ids):
-        """Text of ids, skipping pad and </s>; sentinel ids are written as <extra_id_i>."""
-        ids = [int(i) for i in ids if int(i) not in (self.pad_id, self.eos_id)]
+        """Text of ids, skipping pad, </s> and <unk>; sentinel ids are written as <extra_id_i>."""
+        ids = [int(i) for i in ids if int(i) not in (self.pad_id, self.eos_id, self.unk_id)]
         out, run = [], []
         for i in ids + [None]:
             if i is None or i in self.extra_tokens:
@@ -575,16 +580,11 @@ CLIP_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L
 def bytes_to_unicode():
     """GPT-2/CLIP byte -> printable character table (byte-level BPE works on these 256 characters).
 
-    Printable latin-1 bytes map to themselves; the other 68 bytes to chr(256), chr(257), ... in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    The 188 printable latin-1 bytes map to themselves and come first (CLIP's ids 0..187: '!' = 0), then the other
+    68 bytes map to chr(256), chr(257), ... in byte order (ids 188..255). The dict's order is the id order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 def clip_vocab_from_gz(path):
@@ -654,6 +654,11 @@ class CLIPTokenizer:
     @property
     def vocab_size(self):
         return len(self.vocab)
+
+    @property
+    def num_pieces(self):
+        """Ids 0..num_pieces-1 are the learned vocabulary (bytes, bytes + '</w>', merges); the start/end follow."""
+        return min(self.bos_id, self.eos_id)
 
     def __len__(self):
         return self.vocab_size

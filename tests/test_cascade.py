@@ -70,6 +70,7 @@ def test_noise_augment_per_sample_levels_for_fine_tuning(noising_ref, noising_sc
     assert err < 1e-5, f"sample 1 has level 250 and must match diffusers' add_noise at 250; max error {err:.2e}"
 
 
+@pytest.mark.task7_1
 def test_noise_augment_draws_from_generator_and_checks_range(noising_ref, noising_schedule):
     x_up = noising_ref["upscaled"]
     a, _ = cascade.noise_augment(x_up, 250, noising_schedule, generator=torch.Generator().manual_seed(3))

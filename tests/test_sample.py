@@ -54,7 +54,8 @@ def test_detect_family_from_model_index_and_from_folders(name, family, tmp_path)
     assert sample.detect_family(bare) == family, "without model_index.json the subfolders decide"
 
 
-@pytest.mark.parametrize("text,level", [("250", 250), ("0", 0), ("0.25", 250), ("1e-3", 1), ("1e-5", 0)])
+@pytest.mark.parametrize("text,level", [("250", 250), ("0", 0)] + [
+    pytest.param(t, k, marks=pytest.mark.task7_2) for t, k in (("0.25", 250), ("1e-3", 1), ("1e-5", 0))])
 def test_parse_noise_level_accepts_steps_and_continuous_levels(text, level):
     assert sample.parse_noise_level(text) == level
 

@@ -86,6 +86,7 @@ def test_rename_legacy_key(legacy, today):
     assert rename_legacy_key(legacy) == today
 
 
+@pytest.mark.task7_3
 def test_scaling_factor_default_and_latent_helpers():
     cfg = json.loads((VAE / "sd_like" / "vae" / "config.json").read_text())
     assert cfg["scaling_factor"] == 0.18215

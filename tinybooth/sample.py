@@ -42,7 +42,11 @@ PIPELINE_CLASSES = {"IFPipeline": "if", "StableDiffusionPipeline": "sd", "IFSupe
 
 
 def download_hint(model_dir):
+    """What to run to get model_dir: the download command, or for the embedded toy cascade its pretraining."""
     d = Path(model_dir)
+    if d.resolve().parent == ASSETS:
+        return ("the embedded toy cascade ships with the repository (git checkout tinybooth/assets) and can be "
+                "regenerated with:  python -m tinybooth.pretrain_toy --out tinybooth/assets")
     return (f"download it with:  python weights_download.py {d.name} --dir {d.parent}\n"
             f"(python weights_download.py --list shows every model)")
 

@@ -235,36 +235,34 @@ def guided_denoiser(unet, c, c_uncond, guidance, out_channels, extra_input=None,
     return denoise
 
 
-def image_size(unet, factor=1):
-    """(H, W) the U-Net was trained at, from config.json's sample_size (an int or [H, W]), times factor."""
+def image_size(unet):
+    """(H, W) the U-Net was trained at, from config.json's sample_size (an int or [H, W])."""
     s = unet.config["sample_size"]
-    h, w = (s, s) if isinstance(s, int) else s
-    return h * factor, w * factor
+    return (s, s) if isinstance(s, int) else tuple(s)
 
 
-def _run(denoise, schedule, z_T, num_steps, sampler, eta, generator):
-    return sample(denoise, schedule, tuple(z_T.shape), num_steps, sampler=sampler, eta=eta, generator=generator,
-                  z_T=z_T)
-
-
-def _bar(desc, total, progress):
-    return tqdm(total=total, desc=desc, leave=False) if progress else None
+def run_stage(unet, schedule, z_T, c, c_uncond, guidance, num_steps, sampler, eta, generator, desc, progress,
+              **condition):
+    """z_T [B, C, H, W] -> z_0 on the U-Net's device: tinybooth.samplers.sample around guided_denoiser, with a
+    progress bar named desc. condition: extra_input / noise_level of guided_denoiser (stage II)."""
+    device = next(unet.parameters()).device
+    with tqdm(total=num_steps, desc=desc, leave=False, disable=not progress) as bar:
+        denoise = guided_denoiser(unet, c, c_uncond, guidance, z_T.shape[1], bar=bar, **condition)
+        return sample(denoise, schedule, tuple(z_T.shape), num_steps, sampler=sampler, eta=eta, generator=generator,
+                      z_T=z_T.to(device))
 
 
 def sample_base(unet, schedule, c, c_uncond, guidance=7.0, num_steps=100, sampler="ancestral", eta=0.0,
                 generator=None, progress=False):
     """IF stage I: text -> image [B, 3, s, s] in [-1, 1] (s = the U-Net's sample_size, 64 for IF).
 
-    z_T ~ N(0, I) is drawn first from generator, then the sampler's noise, in the order of diffusers' IFPipeline.
+    z_T ~ N(0, I) is drawn first from generator (on the CPU, so a seed gives the same images on any device), then
+    the sampler's noise, in the order of diffusers' IFPipeline.
     """
-    C = unet.config["in_channels"]
-    z_T = torch.randn(c.shape[0], C, *image_size(unet), generator=generator)  # [B, 3, s, s], on the CPU
-    bar = _bar(f"stage I ({image_size(unet)[0]} px)", num_steps, progress)
-    denoise = guided_denoiser(unet, c, c_uncond, guidance, C, bar=bar)
-    x = _run(denoise, schedule, z_T, num_steps, sampler, eta, generator)
-    if bar is not None:
-        bar.close()
-    return x
+    size = image_size(unet)
+    z_T = torch.randn(c.shape[0], unet.config["in_channels"], *size, generator=generator)   # [B, 3, s, s]
+    return run_stage(unet, schedule, z_T, c, c_uncond, guidance, num_steps, sampler, eta, generator,
+                     f"stage I ({size[0]} px)", progress)
 
 
 def sample_super_resolution(unet, schedule, noising_schedule, x_low, c, c_uncond, noise_level=IF_NOISE_LEVEL,
@@ -282,26 +280,18 @@ def sample_super_resolution(unet, schedule, noising_schedule, x_low, c, c_uncond
     x_up = upsample(x_low.float().cpu(), size)                                 # [B, 3, S, S]
     z_aug, level = noise_augment(x_up, noise_level, noising_schedule, generator=generator)
     device = next(unet.parameters()).device
-    bar = _bar(f"stage II ({size[0]} px, noise level {noise_level})", num_steps, progress)
-    denoise = guided_denoiser(unet, c, c_uncond, guidance, C, extra_input=z_aug.to(device), noise_level=level,
-                              bar=bar)
-    x = _run(denoise, schedule, z_T, num_steps, sampler, eta, generator)
-    if bar is not None:
-        bar.close()
-    return x
+    return run_stage(unet, schedule, z_T, c, c_uncond, guidance, num_steps, sampler, eta, generator,
+                     f"stage II ({size[0]} px, noise level {noise_level})", progress,
+                     extra_input=z_aug.to(device), noise_level=level)
 
 
 def sample_latent(unet, vae, schedule, c, c_uncond, guidance=7.5, num_steps=50, sampler="ddim", eta=0.0,
                   generator=None, progress=False):
     """Stable Diffusion: text -> latents z_0 [B, 4, s, s] -> images D(z_0 / scale) [B, 3, 8s, 8s] in [-1, 1]."""
-    C = unet.config["in_channels"]
     size = image_size(unet)
-    z_T = torch.randn(c.shape[0], C, *size, generator=generator)               # [B, 4, s, s]
-    bar = _bar(f"latents ({size[0]}x{size[1]}, 1/{vae.downscale} of the image)", num_steps, progress)
-    z_0 = _run(guided_denoiser(unet, c, c_uncond, guidance, C, bar=bar), schedule, z_T, num_steps, sampler, eta,
-               generator)
-    if bar is not None:
-        bar.close()
+    z_T = torch.randn(c.shape[0], unet.config["in_channels"], *size, generator=generator)    # [B, 4, s, s]
+    z_0 = run_stage(unet, schedule, z_T, c, c_uncond, guidance, num_steps, sampler, eta, generator,
+                    f"latents ({size[0]}x{size[1]}, 1/{vae.downscale} of the image)", progress)
     vae_param = next(vae.parameters())
     with torch.no_grad():
         return vae.images_from_latents(z_0.to(vae_param.device, vae_param.dtype)).float()

@@ -118,6 +118,9 @@ def test_t5_fp16_file_keeps_each_tensors_dtype(text_dir):
         assert {p.dtype for p in model.parameters()} == {dtype}
 
 
+@pytest.mark.task4_1
+@pytest.mark.task4_2
+@pytest.mark.task4_3
 def test_t5_fp16_file_outputs(text_dir, expected):
     """The mixed file run as stored (transformers runs it in fp16 with wo in fp32), and cast to fp32."""
     ids, mask = expected["t5_input_ids"], expected["t5_attention_mask"]

@@ -189,6 +189,18 @@ def make_tokenizers(meta):
     result["t5"] = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], vocab_size=len(t5),
                         extra_id_0=t5.convert_tokens_to_ids("<extra_id_0>"),
                         extra_id_99=t5.convert_tokens_to_ids("<extra_id_99>"))
+    # The fast (tokenizers) unigram and the sentencepiece library may break exact Viterbi ties differently
+    # ("000" = "0" + "00" or "00" + "0", same score). Such strings are listed with sentencepiece's ids.
+    sp = spm.SentencePieceProcessor(model_file=str(OUT / "spm" / "spiece.model"))
+    ties = {}
+    for i, (text, hf) in enumerate(zip(strings, enc["input_ids"])):
+        ours = sp.encode(text)[:MAX_LENGTH - 1] + [1]
+        ours += [0] * (MAX_LENGTH - len(ours))
+        if ours != hf:
+            score = lambda ids: sum(sp.get_score(j) for j in ids if j > 2)  # noqa: E731
+            assert abs(score(ours) - score(hf)) < 1e-4 and sp.decode(ours) == sp.decode(hf), f"not a tie: {text!r}"
+            ties[i] = ours
+    result["t5"]["sentencepiece_ties"] = ties
     short = t5(strings[:40], padding="max_length", max_length=12, truncation=True)
     result["t5_short"] = dict(input_ids=short["input_ids"], max_length=12)
     result["t5"]["decoded"] = [t5.decode(i, skip_special_tokens=True) for i in enc["input_ids"][:60]]

@@ -225,7 +225,7 @@ class AddedKVAttention(nn.Module):
         B, C, H, W = x.shape
         if self.norm_cross is not None:
             c = self.norm_cross(c.transpose(1, 2)).transpose(1, 2)
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)              # [B, HW, C]
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2).contiguous() # [B, HW, C], read by 3 projections
         q = split_heads(self.to_q(h), self.heads)                             # [B, heads, HW, d]
         # BEGIN ASSIGN 6.3
         # HINT: keys/values = text projections (add_k_proj, add_v_proj) followed by the image's (to_k, to_v) on dim 2
@@ -333,7 +333,8 @@ class Transformer2DModel(nn.Module):
         if self.use_linear_projection:
             h = self.proj_in(h.view(B, C, H * W).transpose(1, 2))             # [B, HW, D]
         else:
-            h = self.proj_in(h).flatten(2).transpose(1, 2)                    # [B, D, H, W] -> [B, HW, D]
+            # [B, D, H, W] -> [B, HW, D], made contiguous once (else every residual sum keeps the strided layout)
+            h = self.proj_in(h).flatten(2).transpose(1, 2).contiguous()
         for block in self.transformer_blocks:
             h = block(h, c, text_bias)
         if self.use_linear_projection:

@@ -328,7 +328,9 @@ def download(name, directory="weights", variant=None, endpoint=None, token=None,
     """Fetch model `name` into directory/name/; returns that path. See the module docstring."""
     if name not in MODELS:
         raise DownloadError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
-    token = token if token is not None else hub_token()
+    model = MODELS[name]
+    # the hub token goes to the hub only, never to the other hosts of plain-URL models
+    token = None if model.repo is None else (token if token is not None else hub_token())
     root = Path(directory) / name
     if name == "lpips-alex" and (root / "model.safetensors").exists():
         return root

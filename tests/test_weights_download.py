@@ -182,3 +182,16 @@ def test_list_and_unknown_name(capsys):
     assert "text_encoder/model{v}-*-of-*.safetensors" in out and "gated" in out
     assert wd.main(["no-such-model", "--dir", "/nonexistent"]) == 1
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_plain_url_models_get_no_hub_token(hub, tmp_path, monkeypatch):
+    """LPIPS comes from download.pytorch.org and GitHub: the hub token must not be sent there."""
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    base = wd.hub_endpoint()
+    url = f"{base}/{REPO}/resolve/main/unet/config.json"
+    monkeypatch.setitem(wd.MODELS, "plain", wd.Model("a plain-URL model", "1 KB",
+                                                     urls=((url, "config.json", hashlib.sha256(SMALL).hexdigest()[:8],
+                                                            None),)))
+    root = wd.download("plain", tmp_path, progress=False)
+    assert (root / "config.json").read_bytes() == SMALL
+    assert [auth for _, _, auth in hub.log] == [None], "no Authorization header outside the hub"

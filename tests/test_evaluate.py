@@ -64,3 +64,50 @@ def test_missing_encoder_weights_name_the_download_command(tmp_path):
 def test_read_layout_explains_a_bad_folder(tmp_path):
     with pytest.raises(ValueError, match="prompts.json"):
         evaluate.read_layout(tmp_path)
+
+
+@pytest.fixture
+def tiny_cascade(request, monkeypatch):
+    """The tiny random IF stage I (8 px) of tests/fixtures/cascade, with the text side replaced
+    by a fixed embedding per prompt (as tests/test_sample.py does; tests/test_cascade.py covers encode_prompts)."""
+    from tinybooth import cascade
+
+    def encode(texts, model_dir, family, **kw):
+        c = torch.stack([torch.randn(5, 16, generator=torch.Generator().manual_seed(len(t))) for t in texts])
+        return c, torch.ones(len(texts), 5, dtype=torch.long)
+    monkeypatch.setattr(cascade, "encode_prompts", encode)
+    return request.config.rootpath / "tests" / "fixtures" / "cascade"
+
+
+def test_cli_generates_scores_and_writes_json_and_sheets(tiny_cascade, weights_dir, tmp_path, request):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {identifier} {class_noun} in the snow\na red {identifier} {class_noun}\n")
+    subject = request.config.rootpath / "tests" / "data" / "dreambooth" / "dog"
+    out = tmp_path / "eval"
+    code = evaluate.main(["--model", str(tiny_cascade / "if1"),
+                          "--subject-dir", str(subject), "--class-noun", "dog", "--prompts", str(prompts),
+                          "--images-per-prompt", "2", "--steps", "1", "--scorer", "paper",
+                          "--weights-dir", str(weights_dir), "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert set(result["metrics"]) == {"DINO", "CLIP-I", "CLIP-T", "PRES", "DIV"}
+    assert all(-1 <= result["metrics"][k] <= 1 for k in ("DINO", "CLIP-I", "CLIP-T", "PRES"))
+    assert [p["prompt"] for p in result["per_prompt"]] == ["a sks dog in the snow", "a red sks dog"]
+    layout = json.loads((out / "images" / "prompts.json").read_text())
+    assert layout["prompts"]["00"]["text"] == "a dog in the snow" and layout["prior"]["prompt"] == "a dog"
+    assert sorted(p.name for p in (out / "images" / "01").iterdir()) == ["0.png", "1.png"]
+    assert Image.open(out / "images" / "prior" / "0.png").size == (8, 8), "stage I's 8 px output"
+    assert sorted(p.name for p in (out / "sheets").iterdir()) == ["00.png", "01.png", "prior.png"]
+
+    # the same folder scored again with --images gives the same numbers (generation is not part of the score)
+    again = evaluate.evaluate(evaluate.parse_args(
+        ["--images", str(out / "images"), "--subject-dir", str(subject), "--class-noun", "dog",
+         "--scorer", "paper", "--weights-dir", str(weights_dir), "--out", str(tmp_path / "again")]))
+    assert again["metrics"] == pytest.approx(result["metrics"], abs=1e-6)
+
+
+def test_cli_errors_are_one_line_messages(tmp_path, capsys):
+    assert evaluate.main(["--images", str(tmp_path), "--subject-dir", str(tmp_path), "--class-noun", "dog",
+                          "--scorer", "paper"]) == 1
+    assert "prompts.json" in capsys.readouterr().err
+    assert evaluate.main(["--model", "x", "--images", "y"]) == 2

@@ -147,6 +147,7 @@ class PaperScorer:
         self.dino = DINOEncoder.from_pretrained(dirs["dino"], device=device)
         self.lpips = LPIPS.from_pretrained(dirs["lpips"], device=device)
 
+    @torch.no_grad()
     def score(self, prompts, prior, real):
         """prompts: [{prompt, text, images: [PIL]}]; prior: {images: [PIL]}; real: [PIL] -> the paper's metrics."""
         gen = [im for p in prompts for im in p["images"]]
@@ -154,25 +155,22 @@ class PaperScorer:
         dino_real, clip_real = self.dino.embed(real), self.clip.embed(real)
         dino_gen, clip_gen = self.dino.embed(gen), self.clip.embed(gen)
         text = self.clip_text.embed(texts)
-        groups = [[pil_to_tensor(im).to(self.device) for im in p["images"]] for p in prompts]
-        with torch.no_grad():
-            div = metrics.diversity(groups, self.lpips)
+        groups = [[pil_to_tensor(at_least(im, 64)).to(self.device) for im in p["images"]] for p in prompts]
         out = {"DINO": metrics.subject_fidelity(dino_gen, dino_real),
                "CLIP-I": metrics.subject_fidelity(clip_gen, clip_real),
                "CLIP-T": metrics.prompt_fidelity(clip_gen, text),
                "PRES": metrics.prior_preservation(self.dino.embed(prior["images"]), dino_real),
-               "DIV": div}
+               "DIV": metrics.diversity(groups, self.lpips)}
         ceiling = {"DINO": metrics.real_image_fidelity(dino_real), "CLIP-I": metrics.real_image_fidelity(clip_real)}
         per_prompt, start = [], 0
-        for p, g in zip(prompts, groups):
+        for p in prompts:
             n = len(p["images"])
             sl = slice(start, start + n)
             start += n
             per_prompt.append({"prompt": p["prompt"],
                                "DINO": metrics.subject_fidelity(dino_gen[sl], dino_real),
                                "CLIP-I": metrics.subject_fidelity(clip_gen[sl], clip_real),
-                               "CLIP-T": metrics.prompt_fidelity(clip_gen[sl], text[sl]),
-                               "DIV": metrics.mean_pairwise_distance(g, self.lpips) if n > 1 else None})
+                               "CLIP-T": metrics.prompt_fidelity(clip_gen[sl], text[sl])})
         return {"metrics": out, "real_images": ceiling, "per_prompt": per_prompt,
                 "paper_table_1": PAPER_TABLE_1}
 
@@ -181,6 +179,15 @@ PAPER_TABLE_1 = {"DreamBooth (Imagen)": {"DINO": 0.696, "CLIP-I": 0.812, "CLIP-T
                  "DreamBooth (Stable Diffusion)": {"DINO": 0.668, "CLIP-I": 0.803, "CLIP-T": 0.305},
                  "Textual Inversion (Stable Diffusion)": {"DINO": 0.569, "CLIP-I": 0.780, "CLIP-T": 0.255},
                  "Real Images": {"DINO": 0.774, "CLIP-I": 0.885}}
+
+
+def at_least(img, side):
+    """LPIPS(alex) needs >= 64 px (AlexNet's strides): smaller pictures are upscaled (bicubic) first."""
+    w, h = img.size
+    if min(w, h) >= side:
+        return img
+    scale = side / min(w, h)
+    return img.resize((round(w * scale), round(h * scale)), Image.BICUBIC)
 
 
 def pil_to_tensor(img):
@@ -241,6 +248,7 @@ class ToyScorer:
         """1 - cos(f(a), f(b)) per row of two image batches in [-1, 1]."""
         return 1 - torch.nn.functional.cosine_similarity(self.evaluator.features(a), self.evaluator.features(b))
 
+    @torch.no_grad()
     def score(self, prompts, prior, real):
         gen = [im for p in prompts for im in p["images"]]
         f_real, f_gen, f_prior = self.features(real), self.features(gen), self.features(prior["images"])
@@ -291,14 +299,14 @@ def write_sheets(out_dir, prompts, prior):
 # generation, through tinybooth.sample (the same code path as `python -m tinybooth.sample`)
 
 def generate(model, sr_model, prompts, prior_prompt, images_dir, n, seed=0, steps=None, guidance=None,
-             device="cpu"):
+             sr_steps=None, device="cpu"):
     """n images per prompt and of the class prompt, written as images_dir/NN/k.png, prior/k.png, prompts.json.
 
     Image k of every prompt uses seed + k (tinybooth.sample's rule), so prompts are compared on equal seeds."""
     from . import sample
     texts = [p["prompt"] for p in prompts] + [prior_prompt]
     images = sample.generate(model, texts, sr_model=sr_model, num_images=n, seed=seed, steps=steps,
-                             guidance=guidance, device=device)["images"]  # [(P + 1) n, 3, H, W] in [-1, 1]
+                             guidance=guidance, sr_steps=sr_steps, device=device)["images"]  # [(P + 1) n, 3, H, W] in [-1, 1]
     write_layout(images_dir, prompts, prior_prompt)
     for i, sub in enumerate([f"{i:02d}" for i in range(len(prompts))] + ["prior"]):
         (Path(images_dir) / sub).mkdir(parents=True, exist_ok=True)
@@ -378,6 +386,7 @@ def parse_args(argv=None):
     p.add_argument("--weights-dir", default="weights", help="where weights_download.py put the encoders")
     p.add_argument("--steps", type=int, help="sampling steps (default: tinybooth.sample's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: tinybooth.sample's)")
+    p.add_argument("--sr-steps", type=int, help="stage-II sampling steps (default: tinybooth.sample's)")
     p.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
     p.add_argument("--out", help="output folder (default: <model>/eval, or the parent of --images)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -394,7 +403,7 @@ def evaluate(args):
         templates = TOY_TEMPLATES if args.prompts == "toy" else prompt_templates(args.class_noun, args.prompts)
         generate(args.model, args.sr_model, build_prompts(templates, args.identifier, args.class_noun),
                  fill("a {class_noun}", "", args.class_noun), images_dir, args.images_per_prompt, args.seed,
-                 args.steps, args.guidance, args.device)
+                 args.steps, args.guidance, args.sr_steps, args.device)
     result, prompts, prior = scoring_images(images_dir, args.subject_dir, args.scorer, args.weights_dir,
                                             args.device)
     result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

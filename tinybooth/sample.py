@@ -144,8 +144,8 @@ def generate(model, prompts, sr_model=None, num_images=1, seed=0, steps=None, gu
     schedule = DiscreteSchedule.from_pretrained(Path(model) / "scheduler")
     common = dict(guidance=guidance, num_steps=steps, sampler=sampler, eta=eta, progress=progress)
     if family == "sd":
-        vae = AutoencoderKL.from_pretrained(Path(model) / "vae", device=device,   # fp32, as diffusers upcasts
-                                            variant=cascade.stored_variant(Path(model) / "vae", WEIGHTS_STEM))
+        vae = AutoencoderKL.from_pretrained(Path(model) / "vae", dtype=torch.float32, device=device,  # as diffusers
+                                            variant=cascade.stored_variant(Path(model) / "vae", WEIGHTS_STEM))  # upcasts
         images = run(lambda i, c_i, g: cascade.sample_latent(unet, vae, schedule, c_i, c_uncond, generator=g,
                                                              **common), "images")
         del unet, vae

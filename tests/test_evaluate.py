@@ -111,3 +111,23 @@ def test_cli_errors_are_one_line_messages(tmp_path, capsys):
                           "--scorer", "paper"]) == 1
     assert "prompts.json" in capsys.readouterr().err
     assert evaluate.main(["--model", "x", "--images", "y"]) == 2
+
+
+def test_toy_scorer_is_chosen_for_toy_pictures_and_reports_the_analogs(tmp_path, monkeypatch, request):
+    """Pictures of <= 64 px are the toy world's: scored by the toy evaluator's analogs (a random one here; the
+    shipped evaluator is tested by its own tests)."""
+    from tinybooth import toy_evaluator
+    torch.manual_seed(0)
+    toy_evaluator.ToyEvaluator.from_config({}).save_pretrained(tmp_path / "evaluator")
+    monkeypatch.setattr(toy_evaluator, "DEFAULT_PATH", tmp_path / "evaluator")
+    images = tmp_path / "images"
+    make_folder(images, evaluate.build_prompts(evaluate.TOY_TEMPLATES[:2], "sks", "star"), n=3)
+    subject = request.config.rootpath / "examples" / "toy_subject"  # the shipped toy subject photos
+    result = evaluate.evaluate(evaluate.parse_args(["--images", str(images), "--subject-dir", str(subject),
+                                                    "--class-noun", "star"]))
+    assert result["scorer"] == "toy", "64 px pictures must be scored by the toy evaluator"
+    m = result["metrics"]
+    assert set(m) == {"subject_fidelity", "subject_probability", "prompt_fidelity", "PRES",
+                      "PRES_subject_probability", "DIV"}
+    assert 0 <= m["prompt_fidelity"] <= 1 and 0 <= m["subject_probability"] <= 1 and m["DIV"] >= 0
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "sheets" / "prior.png").exists()

@@ -60,14 +60,17 @@ def paper_prompts():
 
 
 def prompt_templates(class_noun, prompts="paper"):
-    """The templates to evaluate: the paper's live list for live class nouns (cat, dog), its object list otherwise;
-    or the lines of a text file (one template per line with {identifier} and {class_noun}; '#' starts a comment)."""
+    """The templates to evaluate: 'paper': the live list for live class nouns (cat, dog), the object list otherwise;
+    'toy': TOY_TEMPLATES; else the lines of a text file (one template per line with {identifier} and {class_noun};
+    '#' starts a comment)."""
+    if prompts == "toy":
+        return list(TOY_TEMPLATES)
     if prompts == "paper":
         p = paper_prompts()
         return p["live_prompts"] if class_noun in p["live_class_nouns"] else p["object_prompts"]
     path = Path(prompts)
     if not path.is_file():
-        raise ValueError(f"--prompts {prompts!r} is neither 'paper' nor a text file of prompt templates")
+        raise ValueError(f"--prompts {prompts!r} is neither 'paper', 'toy' nor a text file of prompt templates")
     lines = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
     templates = [ln for ln in lines if ln]
     if not templates:
@@ -400,7 +403,7 @@ def evaluate(args):
         raise ValueError("--images-per-prompt must be at least 2: DIV compares images of the same prompt")
     images_dir = Path(args.images) if args.images else args.out / "images"
     if not args.images:
-        templates = TOY_TEMPLATES if args.prompts == "toy" else prompt_templates(args.class_noun, args.prompts)
+        templates = prompt_templates(args.class_noun, args.prompts)
         generate(args.model, args.sr_model, build_prompts(templates, args.identifier, args.class_noun),
                  fill("a {class_noun}", "", args.class_noun), images_dir, args.images_per_prompt, args.seed,
                  args.steps, args.guidance, args.sr_steps, args.device)

@@ -264,9 +264,10 @@ def fetch(f, target, token=None, progress=True, model_name=None):
         if f.size is None or done < f.size:
             try:
                 _transfer(f, part, done, token, progress, model_name)
-            except (ConnectionError, TimeoutError, http.client.HTTPException, OSError):
+            except (ConnectionError, TimeoutError, http.client.HTTPException, OSError) as e:
                 if attempt == RETRIES:
-                    raise
+                    raise DownloadError(f"the transfer of {f.path} failed {RETRIES + 1} times ({e}); the part "
+                                        f"already fetched is kept: run the same command again to resume") from None
                 continue         # dropped connection: resume from what is on disk
         if f.size is None or part.stat().st_size == f.size:
             break

@@ -195,3 +195,14 @@ def test_plain_url_models_get_no_hub_token(hub, tmp_path, monkeypatch):
     root = wd.download("plain", tmp_path, progress=False)
     assert (root / "config.json").read_bytes() == SMALL
     assert [auth for _, _, auth in hub.log] == [None], "no Authorization header outside the hub"
+
+
+def test_repeated_drops_keep_the_part_and_say_to_rerun(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(wd, "RETRIES", 0)
+    hub.drop_first = {"unet/diffusion_pytorch_model.safetensors"}
+    with pytest.raises(wd.DownloadError, match="run the same command again to resume"):
+        wd.download("tiny", tmp_path, token="", progress=False)
+    part = tmp_path / "tiny/unet/diffusion_pytorch_model.safetensors.part"
+    assert part.stat().st_size == len(BIG) // 2 and not part.with_suffix("").exists()
+    wd.download("tiny", tmp_path, token="", progress=False)   # the next run resumes
+    assert (tmp_path / "tiny/unet/diffusion_pytorch_model.safetensors").read_bytes() == BIG

@@ -66,10 +66,12 @@ def test_rms_norm_has_no_mean_and_no_bias():
 
 @pytest.mark.task4_5
 def test_causal_mask_hides_future_and_padding():
-    m = causal_attention_mask(3, torch.tensor([[1, 1, 0]]))  # [1, 1, 3, 3]
-    allowed = (m[0, 0] == 0).int().tolist()
-    assert allowed == [[1, 0, 0], [1, 1, 0], [1, 1, 0]], f"query i sees keys j <= i that are not padding; got {allowed}"
-    assert m.min() == torch.finfo(torch.float32).min
+    m = causal_attention_mask(3, torch.tensor([[1, 1, 0], [1, 1, 1]]))  # [2, 1, 3, 3]
+    assert m.shape == (2, 1, 3, 3) and m.dtype == torch.bool
+    allowed = m[:, 0].int().tolist()
+    assert allowed[0] == [[1, 0, 0], [1, 1, 0], [1, 1, 0]], f"query i sees keys j <= i that are not padding: {allowed[0]}"
+    assert allowed[1] == [[1, 0, 0], [1, 1, 0], [1, 1, 1]], f"without padding, the causal mask only: {allowed[1]}"
+    assert causal_attention_mask(2).int().tolist() == [[[[1, 0], [1, 1]]]]
 
 
 # ---- T5 against transformers -----------------------------------------------------------------------------------

@@ -113,9 +113,6 @@ class T5Config:
         if self.feed_forward_proj not in T5_FFN:
             raise ValueError(f"feed_forward_proj={self.feed_forward_proj!r} is not supported; expected one of "
                              f"{list(T5_FFN)} (T5 v1.1 / DeepFloyd IF use 'gated-gelu')")
-        if self.relative_attention_num_buckets % 4:
-            raise ValueError(f"relative_attention_num_buckets={self.relative_attention_num_buckets} must be a "
-                             f"multiple of 4 (half per direction, half of those exact)")
 
 
 def relative_position_bucket(relative_position, num_buckets=32, max_distance=128):
@@ -435,17 +432,16 @@ class CLIPTextConfig:
                              f"num_attention_heads={self.num_attention_heads}")
 
 
-def causal_attention_mask(L, attention_mask=None, dtype=torch.float32, device=None):
-    """Additive mask of CLIP's text attention: query i sees key j only if j <= i (and key j is a token, not padding,
-    when attention_mask [B, L] is given). 0 where allowed, the most negative `dtype` value elsewhere. [B or 1, 1, L, L]
+def causal_attention_mask(L, attention_mask=None, device=None):
+    """Which keys each query of CLIP's text attention may see: key j for query i only if j <= i (causal), and only
+    if key j is a token, not padding, when attention_mask [B, L] is given. Boolean, True = visible. [B or 1, 1, L, L]
     """
     # BEGIN ASSIGN 4.5
-    # HINT: allowed = lower-triangular ones (j <= i), and-ed with attention_mask[:, None, None, :] when given
+    # HINT: allowed = lower-triangular ones (j <= i), and-ed with attention_mask[:, None, None, :].bool() when given
     allowed = torch.ones(L, L, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, L, L]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :].bool()                  # [B, 1, L, L]
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
+    return allowed
     # END ASSIGN 4.5
 
 
@@ -456,12 +452,16 @@ class CLIPAttention(nn.Module):
         D = c.hidden_size
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
 
-    def forward(self, x, mask):
-        """softmax(Q K^T / sqrt(d_h) + mask) V per head, then out_proj. x [B, L, D], mask [B or 1, 1, L, L]."""
+    def forward(self, x, allowed):
+        """softmax(Q K^T / sqrt(d_h)) V per head over the allowed keys, then out_proj. x [B, L, D], allowed
+        [B or 1, 1, L, L] (causal_attention_mask)."""
         B, L, D = x.shape
         q, k, v = (proj(x).view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)  # [B, nh, L, hs]
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, nh, L, hs]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # [B, nh, L, hs]
+        # a query with no visible key (a padding position before the text: left padding) gets 0, as in
+        # transformers; its output is padding, never used
+        y = y.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, D))      # [B, L, D]
 
 
@@ -484,8 +484,8 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = CLIPMLP(c)
 
-    def forward(self, h, mask):
-        h = h + self.self_attn(self.layer_norm1(h), mask)  # h' = h + Attn(LN(h))
+    def forward(self, h, allowed):
+        h = h + self.self_attn(self.layer_norm1(h), allowed)  # h' = h + Attn(LN(h))
         return h + self.mlp(self.layer_norm2(h))           # h  = h' + MLP(LN(h'))
 
 
@@ -561,9 +561,9 @@ class CLIPTextEncoder(nn.Module):
         """input_ids [B, L] (LongTensor), attention_mask [B, L] (1 = token, 0 = padding) or None -> [B, L, D]."""
         m = self.text_model
         h = m.embeddings(input_ids)  # [B, L, D]
-        mask = causal_attention_mask(input_ids.shape[1], attention_mask, h.dtype, h.device)  # [B or 1, 1, L, L]
+        allowed = causal_attention_mask(input_ids.shape[1], attention_mask, h.device)  # [B or 1, 1, L, L]
         for layer in m.encoder.layers:
-            h = layer(h, mask)
+            h = layer(h, allowed)
         return m.final_layer_norm(h)  # c = LN(h_L)   [B, L, D]
 
 

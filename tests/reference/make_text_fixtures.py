@@ -43,7 +43,8 @@ MAX_LENGTH = 77
 T5_GATED = dict(vocab_size=160, d_model=32, d_kv=12, d_ff=48, num_layers=3, num_heads=3,  # d_model != H * d_kv
                 relative_attention_num_buckets=16, relative_attention_max_distance=20, dropout_rate=0.0,
                 feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6)
-T5_RELU = dict(T5_GATED, feed_forward_proj="relu", num_layers=2, relative_attention_num_buckets=8)
+T5_RELU = dict(T5_GATED, feed_forward_proj="relu", num_layers=2, relative_attention_num_buckets=10,  # 5 per side
+               relative_attention_max_distance=7)
 CLIP_BASE = dict(vocab_size=150, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=24, bos_token_id=148, eos_token_id=149, pad_token_id=149)
 
@@ -96,6 +97,7 @@ def make_encoders(expected):
     # ---- CLIP ----
     ids, mask = inputs(CLIP_BASE["vocab_size"], 20, 149, [20, 12, 5], SEED + 4)
     ids[:, 0] = 148
+    ids, mask = torch.cat([ids, ids[1:2].roll(8, dims=1)]), torch.cat([mask, mask[1:2].roll(8, dims=1)])  # left-padded
     expected["clip_input_ids"], expected["clip_attention_mask"] = ids, mask
     for i, act in enumerate(["quick_gelu", "gelu"]):
         clip = randomize(CLIPTextModel(CLIPTextConfig(**CLIP_BASE, hidden_act=act)), SEED + 5 + i)

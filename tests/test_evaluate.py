@@ -131,3 +131,16 @@ def test_toy_scorer_is_chosen_for_toy_pictures_and_reports_the_analogs(tmp_path,
                       "PRES_subject_probability", "DIV"}
     assert 0 <= m["prompt_fidelity"] <= 1 and 0 <= m["subject_probability"] <= 1 and m["DIV"] >= 0
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "sheets" / "prior.png").exists()
+
+
+def test_comparison_table_reads_the_ablation_settings_of_each_run(tmp_path):
+    runs = {}
+    for name, prior, noun in [("with-prior", True, "star"), ("no-prior", False, "star"), ("no-noun", True, "")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "settings.json").write_text(json.dumps(
+            {"prior_preservation": prior, "class_noun": noun, "sr_noise_level": 1e-5}))
+        runs[str(tmp_path / name)] = {"metrics": {"subject_fidelity": 0.5, "PRES": 0.25 if prior else 0.75}}
+    table = evaluate.comparison_table(runs).splitlines()
+    assert table[0] == "| model | prior preservation | class noun | SR noise level | subject_fidelity | PRES |"
+    assert table[3] == "| no-prior | False | 'star' | 1e-05 | 0.500 | 0.750 |"
+    assert table[4].startswith("| no-noun | True | '' |"), "an empty class noun (the paper's ablation) shows as ''"

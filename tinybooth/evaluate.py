@@ -372,8 +372,9 @@ def resolve(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tinybooth.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a tinybooth.train run directory (settings.json, model/, sr_model/) or a "
-                                   "pipeline directory (IF stage I or SD); default: the embedded toy cascade")
+    p.add_argument("--model", action="append", help="a tinybooth.train run directory (settings.json, model/, "
+                   "sr_model/) or a pipeline directory (IF stage I or SD); default: the embedded toy cascade. "
+                   "Repeat it to evaluate several runs and print one comparison table (the paper's ablations)")
     p.add_argument("--sr-model", help="IF stage-II directory for a pipeline --model")
     p.add_argument("--images", help="score this folder instead of generating (NN/k.png, prior/k.png, prompts.json)")
     p.add_argument("--subject-dir", help="the real photos of the subject")
@@ -398,6 +399,10 @@ def parse_args(argv=None):
 
 def evaluate(args):
     """Generate (unless --images), score, write metrics.json and the contact sheets; returns the result dict."""
+    if isinstance(args.model, list):  # parse_args collects --model in a list; main() loops over several
+        if len(args.model) != 1:
+            raise ValueError(f"evaluate() takes one model, got {args.model}")
+        args.model = args.model[0]
     args = resolve(args)
     if args.images_per_prompt < 2:
         raise ValueError("--images-per-prompt must be at least 2: DIV compares images of the same prompt")
@@ -416,18 +421,40 @@ def evaluate(args):
     return result
 
 
+def comparison_table(results):
+    """A markdown table, one row per evaluated model: its name, the training settings the paper's ablations vary
+    (read from the run's settings.json when there is one) and every metric."""
+    keys = list(next(iter(results.values()))["metrics"])
+    head = ["model", "prior preservation", "class noun", "SR noise level"] + keys
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        run = Path(name) / "settings.json"
+        t = json.loads(run.read_text()) if run.exists() else {}
+        cells = [Path(name).name, t.get("prior_preservation", "-"), repr(t["class_noun"]) if "class_noun" in t
+                 else "-", t.get("sr_noise_level", "-")] + [f"{r['metrics'][k]:.3f}" for k in keys]
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.model and args.images:
         print("error: give --model (generate, then score) or --images (score a folder), not both", file=sys.stderr)
         return 2
+    results = {}
     try:
-        result = evaluate(args)
+        for model in args.model or [None]:  # several --model: each is evaluated, then compared in one table
+            run = argparse.Namespace(**{**vars(args), "model": model})
+            if args.out and len(args.model or []) > 1:
+                run.out = Path(args.out) / Path(model).name
+            results[str(model)] = evaluate(run)
+            print(json.dumps(results[str(model)]["metrics"], indent=1))
+            print(f"wrote {run.out / 'metrics.json'} and the contact sheets in {run.out / 'sheets'}")
     except (checkpoint.CheckpointError, ValueError, data.InstanceImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result["metrics"], indent=1))
-    print(f"wrote {args.out / 'metrics.json'} and the contact sheets in {args.out / 'sheets'}")
+    if len(results) > 1:
+        print(comparison_table(results))
     return 0
 
 

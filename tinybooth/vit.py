@@ -231,8 +231,9 @@ class CLIPVisionTransformer(nn.Module):
 
     def forward(self, pixel_values):
         z = self.pre_layrnorm(self.embeddings(pixel_values))  # [B, N+1, D]
+        everything = torch.ones(1, 1, z.shape[1], z.shape[1], dtype=torch.bool, device=z.device)
         for layer in self.encoder.layers:
-            z = layer(z, None)  # no mask: every patch attends to every patch
+            z = layer(z, everything)  # no causal mask: every patch attends to every patch
         return self.post_layernorm(z[:, 0])  # y = LN(z_L[0])   [B, D]
 
 

@@ -69,7 +69,7 @@ def test_causal_mask_hides_future_and_padding():
     m = causal_attention_mask(3, torch.tensor([[1, 1, 0], [1, 1, 1]]))  # [2, 1, 3, 3]
     assert m.shape == (2, 1, 3, 3) and m.dtype == torch.bool
     allowed = m[:, 0].int().tolist()
-    assert allowed[0] == [[1, 0, 0], [1, 1, 0], [1, 1, 0]], f"query i sees keys j <= i that are not padding: {allowed[0]}"
+    assert allowed[0] == [[1, 0, 0], [1, 1, 0], [1, 1, 0]], f"query i sees keys j <= i that are tokens: {allowed[0]}"
     assert allowed[1] == [[1, 0, 0], [1, 1, 0], [1, 1, 1]], f"without padding, the causal mask only: {allowed[1]}"
     assert causal_attention_mask(2).int().tolist() == [[[[1, 0], [1, 1]]]]
 

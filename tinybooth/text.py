@@ -582,7 +582,7 @@ def bytes_to_unicode():
 
     The 188 printable latin-1 bytes map to themselves and come first (CLIP's ids 0..187: '!' = 0), then the other
     68 bytes map to chr(256), chr(257), ... in byte order (ids 188..255). The dict's order is the id order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
@@ -643,7 +643,8 @@ class CLIPTokenizer:
             vocab, merges = clip_vocab_from_gz(path / CLIP_VOCAB_GZ)
         else:
             raise FileNotFoundError(f"'{path}' has neither vocab.json + merges.txt nor {CLIP_VOCAB_GZ}; a CLIP "
-                                    f"tokenizer directory is <pipeline>/tokenizer/. Download: {checkpoint.DOWNLOAD_HINT}")
+                                    f"tokenizer directory is <pipeline>/tokenizer/. "
+                                    f"Download: {checkpoint.DOWNLOAD_HINT}")
         pad = CLIP_EOS
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (path / name).exists():

@@ -106,6 +106,15 @@ def test_clip_from_vocab_json_and_merges_with_pad_from_config(ref):
 
 
 @pytest.mark.task4_4
+def test_clip_from_transformers_tokenizer_json(ref):
+    """transformers >= 5 saves a CLIPTokenizer as tokenizer.json (vocab and merges inside): the same ids."""
+    a = CLIPTokenizer.from_pretrained(TEXT / "clip_small")
+    b = CLIPTokenizer.from_pretrained(TEXT / "clip_small_tokenizer_json")
+    assert (a.vocab_size, a.pad_id) == (b.vocab_size, b.pad_id)
+    assert torch.equal(a(ref["strings"])[0], b(ref["strings"])[0])
+
+
+@pytest.mark.task4_4
 def test_clip_cleans_text_like_clip(clip):
     """CLIP's basic_clean (html.unescape twice) and whitespace_clean, lower-case; ftfy's other repairs are not done."""
     same = clip.tokenize("fish & chips")

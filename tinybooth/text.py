@@ -633,17 +633,21 @@ class CLIPTokenizer:
 
     @classmethod
     def from_pretrained(cls, path):
-        """A tokenizer directory with vocab.json + merges.txt (SD 1.x: <pipeline>/tokenizer/) or CLIP's
-        bpe_simple_vocab_16e6.txt.gz; the pad token comes from tokenizer_config.json (default <|endoftext|>)."""
+        """A tokenizer directory with vocab.json + merges.txt (SD 1.x: <pipeline>/tokenizer/), a transformers
+        tokenizer.json, or CLIP's bpe_simple_vocab_16e6.txt.gz; the pad token comes from tokenizer_config.json
+        (default <|endoftext|>)."""
         from tokenizers import models
         path = Path(path)
         if (path / "vocab.json").exists() and (path / "merges.txt").exists():
             vocab, merges = models.BPE.read_file(str(path / "vocab.json"), str(path / "merges.txt"))
+        elif (path / "tokenizer.json").exists():  # what transformers >= 5 writes: the same vocab and merges inside
+            bpe = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            vocab, merges = bpe["vocab"], [tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]]
         elif (path / CLIP_VOCAB_GZ).exists():
             vocab, merges = clip_vocab_from_gz(path / CLIP_VOCAB_GZ)
         else:
-            raise FileNotFoundError(f"'{path}' has neither vocab.json + merges.txt nor {CLIP_VOCAB_GZ}; a CLIP "
-                                    f"tokenizer directory is <pipeline>/tokenizer/. "
+            raise FileNotFoundError(f"'{path}' has no vocab.json + merges.txt, tokenizer.json or {CLIP_VOCAB_GZ}; "
+                                    f"a CLIP tokenizer directory is <pipeline>/tokenizer/. "
                                     f"Download: {checkpoint.DOWNLOAD_HINT}")
         pad = CLIP_EOS
         for name in ("tokenizer_config.json", "special_tokens_map.json"):

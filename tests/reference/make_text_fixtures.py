@@ -13,6 +13,7 @@ Writes tests/fixtures/text/:
     encoders.safetensors input ids, masks and expected last_hidden_state of every model above
     spm/                 a SentencePiece unigram model (11000 pieces, T5 conventions) trained here on generated text
     clip_small/          vocab.json + merges.txt of CLIP's first 2000 merges, pad_token "!" (as SD 2.x's tokenizer)
+    clip_small_tokenizer_json/  the same tokenizer as transformers 5 saves it (tokenizer.json, tokenizer_config.json)
     tokenizers.json      ~300 strings and the ids/masks transformers' T5Tokenizer and CLIPTokenizer give them
     meta.json            library versions, seeds, configs
 """
@@ -217,6 +218,7 @@ def make_tokenizers(meta):
 
     write_clip_dir(OUT / "clip_small", merges[:2000], "!")
     small = CLIPTokenizer.from_pretrained(OUT / "clip_small")
+    small.save_pretrained(OUT / "clip_small_tokenizer_json")  # transformers 5 writes tokenizer.json only
     enc = small(strings[:80], padding="max_length", max_length=MAX_LENGTH, truncation=True)
     result["clip_small"] = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                 vocab_size=len(small), pad_id=small.pad_token_id)

@@ -3,7 +3,8 @@
 The paper conditions Imagen on a frozen T5-XXL encoder through a SentencePiece tokenizer; the public cascade of that
 design, DeepFloyd IF, uses the T5 v1.1 XXL encoder (77 tokens, padding mask passed to T5). Stable Diffusion 1.x
 conditions on the CLIP ViT-L/14 text transformer through a byte-level BPE tokenizer. Both are written out here and
-load the published files directly (tensor names kept, so no renaming):
+load the published files directly, tensor names kept (the few keys some files add are listed in one small ALIASES
+table per encoder):
 
     T5 v1.1 encoder (Raffel et al. 2020, v1.1 changes)          CLIP text transformer (Radford et al. 2021)
     h_0 = E[ids]           (no position embedding)              h_0 = E[ids] + P[0..L-1]
@@ -355,8 +356,11 @@ class T5Tokenizer:
         path = Path(path)
         spiece = path / "spiece.model"
         if not spiece.exists():
-            raise FileNotFoundError(f"no spiece.model in '{path}'; a T5 tokenizer directory holds spiece.model "
-                                    f"(DeepFloyd IF: <pipeline>/tokenizer/). Download: {checkpoint.DOWNLOAD_HINT}")
+            saved_by_transformers = " (tokenizer.json alone is what transformers >= 5 saves: copy spiece.model " \
+                                    "from the original tokenizer)" if (path / "tokenizer.json").exists() else ""
+            raise FileNotFoundError(f"no spiece.model in '{path}'{saved_by_transformers}; a T5 tokenizer directory "
+                                    f"holds spiece.model (DeepFloyd IF: <pipeline>/tokenizer/). "
+                                    f"Download: {checkpoint.DOWNLOAD_HINT}")
         cfg_file = path / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
         return cls(spiece, extra_ids=cfg.get("extra_ids", 100))
@@ -650,10 +654,9 @@ class CLIPTokenizer:
                                     f"a CLIP tokenizer directory is <pipeline>/tokenizer/. "
                                     f"Download: {checkpoint.DOWNLOAD_HINT}")
         pad = CLIP_EOS
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
             if (path / name).exists():
-                pad = json.loads((path / name).read_text()).get("pad_token", pad)
-                break
+                pad = json.loads((path / name).read_text(encoding="utf-8")).get("pad_token") or pad
         return cls(vocab, merges, pad_token=pad["content"] if isinstance(pad, dict) else pad)
 
     @property

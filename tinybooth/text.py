@@ -273,13 +273,11 @@ class T5Encoder(nn.Module):
     def _init_weights(self):
         """T5's initialisation (Mesh TensorFlow): the missing 1/sqrt(d_kv) of attention is folded into q's std."""
         c = self.c
+        std = {"q": (c.d_model * c.d_kv) ** -0.5, "o": (c.num_heads * c.d_kv) ** -0.5, "wo": c.d_ff ** -0.5}
         nn.init.normal_(self.shared.weight, std=1.0)
         for name, p in self.encoder.named_parameters():
-            if name.endswith("layer_norm.weight"):
-                continue
-            fan_in = {"q": c.d_model * c.d_kv, "o": c.num_heads * c.d_kv, "wo": c.d_ff}.get(name.split(".")[-2],
-                                                                                              c.d_model)
-            nn.init.normal_(p, std=fan_in ** -0.5)
+            if not name.endswith("layer_norm.weight"):  # norm gains stay 1
+                nn.init.normal_(p, std=std.get(name.split(".")[-2], c.d_model ** -0.5))  # k, v, wi, bias table
 
     @classmethod
     def from_config(cls, config):

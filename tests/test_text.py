@@ -148,6 +148,15 @@ def test_clip_matches_transformers(text_dir, expected, act):
     assert (masked[1] - causal_only[1]).abs().max() > 1e-2, "attention_mask must hide the padding keys"
 
 
+def test_clip_fp16_variant(text_dir, expected):
+    model = CLIPTextEncoder.from_pretrained(text_dir / "clip_gelu", variant="fp16")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}, "dtype=None keeps the file's fp16"
+    model = CLIPTextEncoder.from_pretrained(text_dir / "clip_gelu", variant="fp16", dtype=torch.float32)
+    with torch.no_grad():
+        got = model(expected["clip_input_ids"], expected["clip_attention_mask"])
+    assert_close(got, expected["clip_gelu"], "CLIP fp16 weights run in fp32 vs the fp32 model", 2e-2)
+
+
 def test_clip_state_dict_keys_sd_layout(text_dir):
     """SD 1.x layout: `text_model.` prefix; a stored position_ids buffer is accepted (we compute it)."""
     model = CLIPTextEncoder.from_pretrained(text_dir / "clip_quick_gelu")

@@ -9,7 +9,8 @@ Writes tests/fixtures/text/:
     t5_relu/             tiny random T5EncoderModel, feed_forward_proj "relu" (original T5)
     clip_quick_gelu/     tiny random CLIPTextModel (quick_gelu), keys as SD 1.x stores them: `text_model.` prefix and
                          the `text_model.embeddings.position_ids` buffer (files written by transformers < 4.31)
-    clip_gelu/           tiny random CLIPTextModel (gelu), as transformers 5 saves it (no prefix, no position_ids)
+    clip_gelu/           tiny random CLIPTextModel (gelu), as transformers 5 saves it (no prefix, no position_ids),
+                         plus its fp16 variant model.fp16.safetensors
     encoders.safetensors input ids, masks and expected last_hidden_state of every model above
     spm/                 a SentencePiece unigram model (11000 pieces, T5 conventions) trained here on generated text
     clip_small/          vocab.json + merges.txt of CLIP's first 2000 merges, pad_token "!" (as SD 2.x's tokenizer)
@@ -106,6 +107,9 @@ def make_encoders(expected):
         with torch.no_grad():
             expected[f"clip_{act}"] = clip(input_ids=ids, attention_mask=mask).last_hidden_state
             expected[f"clip_{act}_nomask"] = clip(input_ids=ids).last_hidden_state
+    clip.half().save_pretrained(OUT / "tmp", variant="fp16")  # model.fp16.safetensors, as SD 1.x ships one
+    (OUT / "tmp" / "model.fp16.safetensors").rename(OUT / "clip_gelu" / "model.fp16.safetensors")
+    shutil.rmtree(OUT / "tmp")  # (its config.json would say dtype float16; the directory's says float32)
     # the SD 1.x layout: `text_model.` prefix and the position_ids buffer (int64 [1, 24])
     file = OUT / "clip_quick_gelu" / "model.safetensors"
     state = {"text_model." + k: v for k, v in load_file(file).items()}

@@ -355,3 +355,27 @@ def test_resume_without_checkpoint_and_with_other_settings_are_refused(tiny_if, 
     train.main(_if_args(tiny_if, photos, out, "--max-steps", "2", "--sr-steps", "0", "--num-samples", "0"))
     with pytest.raises(ValueError, match="prior_loss_weight"):
         train.main(_if_args(tiny_if, photos, out, "--sr-steps", "0", "--prior-loss-weight", "0.5", "--resume"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the embedded default
+
+def test_no_arguments_means_the_toy_cascade_and_subject():
+    cfg = train.settings_from_args([])
+    assert cfg.backbone == "toy" and Path(cfg.model) == TOY / "toy-IF-I" and Path(cfg.sr_model) == TOY / "toy-IF-II"
+    assert Path(cfg.instance_dir) == ROOT / "examples" / "toy_subject"
+    assert cfg.class_noun == json.loads((TOY / "toy_subject.json").read_text())["class_noun"]
+    assert cfg.prior_preservation and cfg.prior_loss_weight == 1.0 and cfg.sr_noise_level == 1e-5, \
+        "the default is the paper's recipe: prior preservation with lambda = 1, SR noise augmentation 1e-5"
+
+
+@pytest.mark.slow
+def test_default_toy_run_end_to_end_in_a_few_steps(tmp_path, capsys):
+    out = tmp_path / "toy"
+    train.main(["--output-dir", str(out), "--max-steps", "3", "--sr-steps", "2", "--num-class-images", "2",
+                "--class-steps", "2", "--num-samples", "2", "--sample-steps", "2"])
+    assert str(out.resolve()) in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"subject_probability", "class_prompt_subject_probability", "pres", "sr_psnr_db"} <= set(metrics["toy"])
+    assert UNet.from_pretrained(out / "model" / "unet").config["sample_size"] == 32
+    assert UNet.from_pretrained(out / "sr_model" / "unet").config["sample_size"] == 64

@@ -21,7 +21,8 @@ def fx(request):
 
 
 def images(root):
-    return [Image.open(root / "images" / "landscape.png"), Image.open(root / "images" / "portrait.png")]
+    """Landscape, portrait, and a transparent image (the reference composites transparency on white)."""
+    return [Image.open(root / "images" / n) for n in ("landscape.png", "portrait.png", "transparent.png")]
 
 
 def assert_close(got, want, what):

@@ -161,7 +161,8 @@ class ImagePreprocessing:
     shortest_edge=True (CLIPImageProcessor): resize the shorter side to S keeping the aspect ratio (the longer side
     becomes int(S * long / short)), then take the central S x S crop (top = (h - S) // 2, left = (w - S) // 2).
     shortest_edge=False (ViTImageProcessor, facebook/dino-vits16): squash the whole image to S x S.
-    Then x / 255 and (x - mean) / std per channel. Resizing is PIL's (antialiased) filter on the uint8 RGB image.
+    Then x / 255 and (x - mean) / std per channel. Resizing is PIL's (antialiased) filter on the uint8 RGB image;
+    transparent images are first composited on white, as the reference's convert_to_rgb does.
     """
     size: int
     shortest_edge: bool
@@ -179,6 +180,8 @@ class ImagePreprocessing:
         return torch.stack([self.one(img) for img in images])
 
     def one(self, img):
+        if "A" in img.getbands() or img.info.get("transparency") is not None:  # transparency: composite on white
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
         img = img.convert("RGB")
         S = self.size
         if self.shortest_edge:

@@ -5,7 +5,7 @@ Writes tests/fixtures/vit/:
     clip/                 tiny random transformers CLIPModel (vision + text, quick_gelu), public layout
     dino/                 tiny random transformers ViTModel (no pooler), saved as pytorch_model.bin like
                           facebook/dino-vits16
-    images/*.png          two small non-square images (crops of tests/data/dreambooth photos)
+    images/*.png          three small non-square images (crops of tests/data/dreambooth photos, one with alpha)
     expected.safetensors  pixel inputs, image embeddings, CLS outputs, text embeddings, processor outputs
     lpips.safetensors     LPIPS(alex) inputs and distances from the `lpips` package (see make_lpips below)
     meta.json             library versions, seeds, shapes
@@ -47,9 +47,12 @@ def make_images():
     (OUT / "images").mkdir(parents=True, exist_ok=True)
     a = Image.open(DATA / "dog" / "00.jpg").convert("RGB").crop((4, 20, 124, 100))     # 120 x 80 landscape
     b = Image.open(DATA / "dog2" / "01.jpg").convert("RGB").crop((30, 0, 90, 127))     # 60 x 127 portrait
+    c = a.resize((48, 64)).convert("RGBA")                                               # transparent, 48 x 64
+    c.putalpha(Image.linear_gradient("L").resize((48, 64)))
     a.save(OUT / "images" / "landscape.png")
     b.save(OUT / "images" / "portrait.png")
-    return [Image.open(OUT / "images" / "landscape.png"), Image.open(OUT / "images" / "portrait.png")]
+    c.save(OUT / "images" / "transparent.png")
+    return [Image.open(OUT / "images" / n) for n in ("landscape.png", "portrait.png", "transparent.png")]
 
 
 def main():
@@ -112,12 +115,15 @@ def main():
     for name, proc in [("clip_proc_32", CLIPImageProcessorPil(size={"shortest_edge": 32},
                                                               crop_size={"height": 32, "width": 32})),
                        ("dino_proc_32", ViTImageProcessorPil(size={"height": 32, "width": 32},
-                                                             image_mean=[0.5] * 3, image_std=[0.5] * 3))]:
+                                                             image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                                             do_convert_rgb=True))]:
         expected[name] = proc(images=images, return_tensors="pt")["pixel_values"]
     # the published 224 settings: CLIPImageProcessor() defaults and facebook/dino-vits16's preprocessor_config
     # (mean = std = 0.5, bilinear, 224x224); a strided subsample keeps the fixture small
     clip224 = CLIPImageProcessorPil()(images=images, return_tensors="pt")["pixel_values"]
-    dino224 = ViTImageProcessorPil(size=224, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2)(
+    # (ViTImageProcessor does not convert to RGB by default and fails on RGBA; we ask it to, as we do)
+    dino224 = ViTImageProcessorPil(size=224, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2,
+                                   do_convert_rgb=True)(
         images=images, return_tensors="pt")["pixel_values"]
     assert clip224.shape[-1] == 224 and dino224.shape[-1] == 224
     expected["clip_proc_224_strided"] = clip224[:, :, ::7, ::7].contiguous()

@@ -163,7 +163,8 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
     under sha256(text, text_model_key(model_dir), max_length); when every text is cached the encoder is not even
     loaded.
     Otherwise it is loaded once (device, dtype: run T5 in bf16 or fp32, never fp16), encodes the missing texts,
-    and is freed before returning. Returns float32 tensors on the CPU.
+    and is freed before returning. Returns float32 tensors on the CPU. The precision is not part of the key: an
+    entry keeps the precision it was first computed in (bf16 and fp32 encoder outputs differ slightly).
     """
     if family not in ("if", "sd"):
         raise ValueError(f"family '{family}' is not supported; use 'if' (T5) or 'sd' (CLIP)")

@@ -255,10 +255,15 @@ def batch(n, seed, resolution=RESOLUTION, subject_fraction=0.0):
     (captioned with its class noun only as "a ... star", no colour): used to train the evaluator, never the prior.
     """
     rng = np.random.default_rng(seed)
-    specs = [random_spec(rng, shape=SUBJECT_CLASS, subject=True) if rng.random() < subject_fraction
-             else random_spec(rng) for _ in range(n)]
+    specs = random_specs(rng, n, subject_fraction)
     captions = [caption(s, rng) for s in specs]
     return to_tensor([render(s, resolution) for s in specs]), captions, specs
+
+
+def random_specs(rng, n, subject_fraction=0.0):
+    """n random specs from rng; a share subject_fraction of them (on average) is the subject star."""
+    return [random_spec(rng, shape=SUBJECT_CLASS, subject=True) if rng.random() < subject_fraction
+            else random_spec(rng) for _ in range(n)]
 
 
 def subject_photos(n=5, seed=0, resolution=RESOLUTION):

@@ -34,10 +34,14 @@ from .vae import WEIGHTS_STEM, AutoencoderKL
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOY_BASE, TOY_SR = ASSETS / "toy-IF-I", ASSETS / "toy-IF-II"
-# per family: steps, guidance, sampler (IF's and SD's diffusers pipeline defaults; IF samples with its DDPM)
+# per family: steps, guidance, sampler (IF's and SD's diffusers pipeline defaults; IF samples with its DDPM). The
+# embedded toy (model_index.json has a "_tinybooth" entry) samples best at guidance 5 (its results.json) and needs
+# fewer steps for its 32 px shapes.
 DEFAULTS = {"if": dict(steps=100, guidance=7.0, sampler="ancestral"),
             "sd": dict(steps=50, guidance=7.5, sampler="ddim"),
-            "sr": dict(steps=50, guidance=4.0)}
+            "sr": dict(steps=50, guidance=4.0),
+            "toy": dict(steps=50, guidance=5.0, sampler="ancestral"),
+            "toy-sr": dict(steps=25, guidance=4.0)}
 PIPELINE_CLASSES = {"IFPipeline": "if", "StableDiffusionPipeline": "sd", "IFSuperResolutionPipeline": "sr"}
 
 
@@ -51,16 +55,20 @@ def download_hint(model_dir):
             f"(python weights_download.py --list shows every model)")
 
 
+def model_index(model_dir):
+    """The pipeline's model_index.json as a dict ({} when there is none)."""
+    index = Path(model_dir) / "model_index.json"
+    return json.loads(index.read_text()) if index.exists() else {}
+
+
 def detect_family(model_dir):
     """'if' (IF stage I), 'sr' (IF stage II) or 'sd', from model_index.json's _class_name or the subfolders."""
     d = Path(model_dir)
     if not d.is_dir():
         raise CheckpointError(f"model directory '{d}' does not exist; {download_hint(d)}")
-    index = d / "model_index.json"
-    if index.exists():
-        name = json.loads(index.read_text()).get("_class_name")
-        if name in PIPELINE_CLASSES:
-            return PIPELINE_CLASSES[name]
+    name = model_index(d).get("_class_name")
+    if name in PIPELINE_CLASSES:
+        return PIPELINE_CLASSES[name]
     if (d / "vae").is_dir():
         return "sd"
     if (d / "image_noising_scheduler").is_dir():
@@ -110,7 +118,8 @@ def generate(model, prompts, sr_model=None, num_images=1, seed=0, steps=None, gu
         raise ValueError(f"--sr-model must be an IF stage-II directory used with an IF stage-I --model; got "
                          f"{family} model '{model}' and '{sr_model}'")
     pick = lambda value, default: default if value is None else value   # noqa: E731
-    d, d_sr = DEFAULTS[family], DEFAULTS["sr"]
+    toy = family == "if" and "_tinybooth" in model_index(model)
+    d, d_sr = (DEFAULTS["toy"], DEFAULTS["toy-sr"]) if toy else (DEFAULTS[family], DEFAULTS["sr"])
     steps, guidance, sampler = pick(steps, d["steps"]), pick(guidance, d["guidance"]), pick(sampler, d["sampler"])
     sr_steps, sr_guidance = pick(sr_steps, d_sr["steps"]), pick(sr_guidance, d_sr["guidance"])
     require(model, ["unet/config.json", "scheduler/scheduler_config.json"] + (["vae/config.json"] if family == "sd" else []))
@@ -204,11 +213,12 @@ def main(argv=None):
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several rows)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (grid columns)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (IF: 100, SD: 50)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (IF: 7, SD: 7.5)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (IF: 100, SD: 50, toy: 50)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (IF: 7, SD: 7.5, toy: 5)")
     p.add_argument("--sampler", choices=["ancestral", "ddim"], default=None, help="IF: ancestral, SD: ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--sr-steps", type=int, default=None, help="stage-II steps (50)")
+    p.add_argument("--sr-steps", type=int, default=None, help="stage-II steps (IF: 50, toy: 25)")
     p.add_argument("--sr-guidance", type=float, default=None, help="stage-II guidance (4)")
     p.add_argument("--sr-noise-level", type=parse_noise_level, default=cascade.IF_NOISE_LEVEL,
                    help="stage-II noise augmentation: an IF step 0..999 (default 250), or the paper's continuous "
@@ -218,6 +228,9 @@ def main(argv=None):
                    help="U-Net precision (default: bf16 on a GPU, fp32 on the CPU); text in bf16/fp32, VAE in fp32")
     p.add_argument("--text-device", default=None,
                    help="where T5 / CLIP runs, once per new prompt (default: --device; 'cpu' if T5-XXL does not fit)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is much faster for the tiny toy models on "
+                        "a busy machine)")
     p.add_argument("--cache-dir", type=Path, default=None, help="text-embedding cache (default ~/.cache/tinybooth)")
     p.add_argument("--out", type=Path, default=Path("grid.png"), help="output PNG (default grid.png)")
     args = p.parse_args(argv)
@@ -225,6 +238,8 @@ def main(argv=None):
         p.error("--model is required (the embedded toy cascade is not in tinybooth/assets)")
     if args.sr_model is None and args.model == TOY_BASE and TOY_SR.is_dir():
         args.sr_model = TOY_SR
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     try:

@@ -1,0 +1,118 @@
+"""The shipped toy cascade (tinybooth/assets/toy-IF-I, toy-IF-II) and the toy evaluator: they load through the same
+code as public IF weights, are small, and draw what they are asked for (no training here)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinybooth import toyworld
+from tinybooth.data import load_instance_images
+from tinybooth.pretrain_toy import encode, generate
+from tinybooth.schedule import DiscreteSchedule
+from tinybooth.text import T5Encoder, T5Tokenizer
+from tinybooth.toy_evaluator import ToyEvaluator, prompt_fidelity, read, subject_probability
+from tinybooth.unet import UNet
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "tinybooth" / "assets"
+BASE, SR, EVALUATOR = ASSETS / "toy-IF-I", ASSETS / "toy-IF-II", ASSETS / "toy-evaluator"
+
+
+@pytest.fixture(scope="module")
+def stage_one():
+    return (T5Tokenizer.from_pretrained(BASE / "tokenizer"), T5Encoder.from_pretrained(BASE / "text_encoder"),
+            UNet.from_pretrained(BASE / "unet"), DiscreteSchedule.from_pretrained(BASE / "scheduler"))
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return ToyEvaluator.from_pretrained(EVALUATOR)
+
+
+def test_default_is_in_the_public_if_layout(stage_one):
+    tokenizer, t5, unet, schedule = stage_one
+    index = json.loads((BASE / "model_index.json").read_text())
+    assert index["_class_name"] == "IFPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert unet.config["out_channels"] == 6 and unet.config["sample_size"] == 32, \
+        "the toy stage I is IF-shaped: 32 px, 6 output channels (eps + learned-range variance)"
+    assert unet.config["encoder_hid_dim"] == t5.config["d_model"], "the U-Net reads the T5 encoder's width"
+    assert schedule.config["variance_type"] == "learned_range" and schedule.config["beta_schedule"] == \
+        "squaredcos_cap_v2"
+    sr_index = json.loads((SR / "model_index.json").read_text())
+    assert sr_index["_class_name"] == "IFSuperResolutionPipeline"
+    sr = UNet.from_pretrained(SR / "unet")
+    assert sr.config["in_channels"] == 6 and sr.config["class_embed_type"] == "timestep"
+    assert sr.config["sample_size"] == 2 * unet.config["sample_size"]
+    noising = DiscreteSchedule.from_pretrained(SR / "image_noising_scheduler")
+    assert noising.num_train_timesteps == 1000
+    DiscreteSchedule.from_pretrained(SR / "scheduler")
+    subject = json.loads((ASSETS / "toy_subject.json").read_text())
+    assert index["_tinybooth"]["class_noun"] == subject["class_noun"] == toyworld.SUBJECT_CLASS
+
+
+def test_default_fits_in_30_mb():
+    total = sum(f.stat().st_size for d in (BASE, SR, EVALUATOR) for f in d.rglob("*") if f.is_file())
+    assert total <= 30 * 2 ** 20, f"the embedded default is {total / 2 ** 20:.1f} MB; the budget is 30 MB"
+
+
+def test_tokenizer_follows_t5_conventions(stage_one):
+    tokenizer, t5, _, _ = stage_one
+    sp = tokenizer.sp
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1), "T5: pad 0, eos 1, unk 2, no bos"
+    assert t5.config["vocab_size"] % 128 == 0 and t5.config["vocab_size"] >= tokenizer.vocab_size
+    config = json.loads((BASE / "tokenizer" / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 77 and config["extra_ids"] == 100
+    ids, mask = tokenizer(["a small red star on a striped blue background"])
+    assert ids.shape == (1, 77) and int(mask.sum()) == 10, "9 whole-word pieces and </s>: toy words are one piece"
+    short = [i for i in range(5000, 10000) if len(sp.id_to_piece(i).replace("\u2581", "")) <= 3]
+    assert len(short) >= 100, f"the rare-token range 5000-10000 holds only {len(short)} short pieces"
+
+
+def test_evaluator_reads_renders_and_recognises_the_subject(evaluator):
+    x, _, specs = toyworld.batch(24, seed=9)
+    readings = read(evaluator, x)
+    for attr in ("shape", "colour", "size", "texture", "bg_colour"):
+        right = sum(r[attr] == getattr(s, attr) for r, s in zip(readings, specs))
+        assert right >= 23, f"the evaluator read {attr} right on {right}/24 clean renders"
+    photos = load_instance_images(ROOT / "examples" / "toy_subject", 64)
+    p = subject_probability(evaluator, photos)
+    assert (p > 0.9).all(), f"P(subject) on the shipped subject photos: {p.tolist()}"
+    assert all(r["shape"] == "star" for r in read(evaluator, photos))
+    rng = np.random.default_rng(0)
+    stars = toyworld.to_tensor([toyworld.render(toyworld.random_spec(rng, shape="star")) for _ in range(8)])
+    assert (subject_probability(evaluator, stars) < 0.5).all(), "ordinary stars must not read as the subject"
+
+
+def test_short_sample_is_read_as_prompted(stage_one, evaluator):
+    """A few ancestral steps with guidance from the shipped stage I, read back by the evaluator."""
+    tokenizer, t5, unet, schedule = stage_one
+    prompts = ["a big red circle on a blue background", "a big yellow star on a black background",
+               "a big white heart on a green background", "a big blue square on a yellow background"]
+    c, c_uncond = encode(t5, tokenizer, prompts, "cpu"), encode(t5, tokenizer, [""], "cpu")
+    x = generate(unet, schedule, c, c_uncond, 5.0, torch.Generator().manual_seed(0), steps=20, sampler="ancestral")
+    readings = read(evaluator, x)
+    shapes = [r["shape"] for r in readings]
+    assert sum(s == p.split()[3] for s, p in zip(shapes, prompts)) >= 3, f"asked {prompts}, the evaluator read {shapes}"
+    fidelity = prompt_fidelity(evaluator, x, prompts)
+    assert fidelity.mean() >= 0.6, f"prompt fidelity {fidelity.tolist()} (readings {readings})"
+
+
+def test_super_resolution_model_takes_the_noise_level():
+    sr = UNet.from_pretrained(SR / "unet")
+    c = torch.zeros(1, 77, sr.config["encoder_hid_dim"])
+    out = sr(torch.zeros(1, 6, 32, 32), torch.tensor([500]), c, noise_level=torch.tensor([250]))  # any size works
+    assert out.shape == (1, 6, 32, 32)
+    with pytest.raises(ValueError, match="noise_level"):
+        sr(torch.zeros(1, 6, 32, 32), torch.tensor([500]), c)
+
+
+def test_recorded_quality():
+    results = json.loads((BASE / "results.json").read_text())
+    q = results["quality"]
+    assert q["num_samples"] >= 200
+    best = q["base"][q["recommended_base_sampling"]["key"]]
+    assert best["shape"] >= 0.9 and best["colour"] >= 0.9, f"recorded base accuracy {best}"
+    sharp = q["sr"]["sharpness_mean_abs_laplacian"]
+    assert sharp["cascade"] > sharp["bilinear_of_base"], f"the cascade should be sharper than bilinear: {sharp}"

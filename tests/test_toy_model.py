@@ -12,7 +12,8 @@ from tinybooth.data import load_instance_images
 from tinybooth.pretrain_toy import encode, generate
 from tinybooth.schedule import DiscreteSchedule
 from tinybooth.text import T5Encoder, T5Tokenizer
-from tinybooth.toy_evaluator import ToyEvaluator, prompt_fidelity, read, subject_probability
+from tinybooth.toy_evaluator import (ToyEvaluator, feature_distance, prompt_fidelity, read, subject_fidelity,
+                                      subject_probability)
 from tinybooth.unet import UNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,3 +117,27 @@ def test_recorded_quality():
     assert best["shape"] >= 0.9 and best["colour"] >= 0.9, f"recorded base accuracy {best}"
     sharp = q["sr"]["sharpness_mean_abs_laplacian"]
     assert sharp["cascade"] > sharp["bilinear_of_base"], f"the cascade should be sharper than bilinear: {sharp}"
+
+
+def test_toy_metrics_on_known_cases(evaluator):
+    x, _, specs = toyworld.batch(8, seed=21)
+    full = [toyworld.caption(s) for s in specs]
+    assert prompt_fidelity(evaluator, x, full).min() == 1.0, "renders of their own full captions score 1"
+    wrong = [toyworld.caption(toyworld.with_attributes(s, shape="cross" if s.shape != "cross" else "moon"))
+             for s in specs]
+    f = prompt_fidelity(evaluator, x, wrong)
+    expected = torch.tensor([3 / 4 if s.texture == "plain" else 4 / 5 for s in specs])  # "plain" is not written
+    assert torch.allclose(f, expected), f"one wrong shape among 4-5 asked attributes: expected {expected.tolist()}, " \
+        f"got {f.tolist()}"
+    assert prompt_fidelity(evaluator, x[:1], "a sks thing")[0] == 1.0, "a prompt naming no attribute scores 1"
+    photos = load_instance_images(ROOT / "examples" / "toy_subject", 64)
+    real = subject_fidelity(evaluator, photos, photos)
+    world = subject_fidelity(evaluator, x, photos)
+    assert real > world + 0.1, f"subject fidelity: photos vs photos {real:.3f} should exceed world vs photos {world:.3f}"
+    d = feature_distance(evaluator, x, x)
+    assert torch.allclose(d, torch.zeros(8), atol=1e-5), "an image is at distance 0 from itself"
+
+
+def test_evaluator_config_is_checked():
+    with pytest.raises(ValueError, match="unsupported evaluator config field"):
+        ToyEvaluator.from_config({"resolution": 32, "depth": 4})

@@ -790,7 +790,7 @@ def super_resolution_psnr(backbone, cache, instance_prompt, instance_dir, sr_lev
     c = repeat(cache[instance_prompt], len(x_high))
     x_sr = cascade.sample_super_resolution(backbone.sr_unet, backbone.sr_schedule, backbone.noising_schedule, x_low,
                                            c, cache[""].expand_as(c), noise_level=sr_level, num_steps=steps,
-                                           sampler="ddim", generator=torch.Generator().manual_seed(0))
+                                           sampler="ancestral", generator=torch.Generator().manual_seed(0))
     mse = ((x_sr.clamp(-1, 1).cpu() - x_high) / 2).square().mean()  # in [0, 1] pixel units
     return float(10 * torch.log10(1 / mse))
 
@@ -880,7 +880,7 @@ def _run(cfg):
         # a fine-tuned SR model is sampled at the augmentation level it was fine-tuned at; otherwise IF's default
         sr_level = sr_sampling_level(cfg, backbone)
         images = generate(backbone, cache, [p for p in prompts for _ in range(cfg.num_samples)], seed=cfg.seed,
-                          steps=cfg.sample_steps, sampler="ddim", guidance=cfg.guidance, sr_level=sr_level)
+                          steps=cfg.sample_steps, sampler="ancestral", guidance=cfg.guidance, sr_level=sr_level)
         save_grid(images, prompts, out / "samples.png")
         if cfg.backbone == "toy":
             psnr = None if backbone.sr_unet is None else super_resolution_psnr(

@@ -123,3 +123,15 @@ def test_fp16_only_download_is_found(fake_text, tmp_path):
     assert cascade.stored_variant(model / "unet", "diffusion_pytorch_model") == "fp16"
     out = sample.generate(model, ["a dog"], steps=1, progress=False)
     assert out["images"].shape == (1, 3, 8, 8)
+
+
+def test_default_model_is_the_embedded_toy_cascade(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYBOOTH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "toy.png"
+    assert sample.main(["--prompt", "a big red star on a blue background", "--steps", "2", "--sr-steps", "2",
+                        "--out", str(out)]) == 0
+    pixels, settings = read_png(out)
+    assert pixels.shape == (64, 64, 3) and read_png(tmp_path / "toy_stage1.png")[0].shape == (32, 32, 3), \
+        "the toy cascade: 32 px base, 32 -> 64 SR"
+    assert settings["model"].endswith("toy-IF-I") and settings["sr_model"].endswith("toy-IF-II")
+    assert settings["guidance"] == 5.0, "the toy's own default guidance (its measured best)"

@@ -372,14 +372,16 @@ def print_list(endpoint=None, variant=None, online=True):
             except DownloadError as e:
                 online = "access refused" in str(e)   # unreachable: list the rest offline, without waiting again
         if files is not None and all(f.size is not None for f in files):
-            print(f"    {human(sum(f.size for f in files))} in {len(files)} files" + (f" (variant {variant})" if variant else ""))
+            variant_note = f" (variant {variant})" if variant else ""
+            print(f"    {human(sum(f.size for f in files))} in {len(files)} files{variant_note}")
             for f in files:
                 print(f"      {f.path:60s} {human(f.size):>10s}")
         else:
             print(f"    {model.approx_size}")
             for pattern in model.files or [u[1] for u in model.urls]:
                 print(f"      {pattern}")
-        print(f"    python weights_download.py {name} --dir weights" + (" --variant fp16" if "{v}" in "".join(model.files) else ""))
+        fp16 = " --variant fp16" if "{v}" in "".join(model.files) else ""
+        print(f"    python weights_download.py {name} --dir weights{fp16}")
 
 
 def main(argv=None):

@@ -47,7 +47,8 @@ def test_noise_augment_matches_if_stage2_add_noise(noising_ref, noising_schedule
     expected = noising_ref[f"augmented_{level}"]
     err = (z_aug - expected).abs().max().item()
     a = noising_schedule.alphas_cumprod[level].sqrt().item()
-    assert err < 1e-5, (f"at IF noise level {level}, z_aug = alpha x_up + sigma eps with alpha = sqrt(alpha_bar[{level}]) "
+    assert err < 1e-5, (f"at IF noise level {level}, z_aug = alpha x_up + sigma eps with alpha = "
+                        f"sqrt(alpha_bar[{level}]) "
                         f"= {a:.5f} of the squaredcos_cap_v2 image_noising_scheduler (diffusers' add_noise); "
                         f"max error {err:.2e}")
     assert lv.dtype == torch.long and lv.tolist() == [level, level], \
@@ -195,7 +196,8 @@ def tiny_if_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_if")
     shutil.copytree(NOISING / "if1", root, dirs_exist_ok=True)
     (root / "tokenizer").mkdir()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS * 10), model_prefix=str(root / "tokenizer" / "spiece"),
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS * 10),
+                                   model_prefix=str(root / "tokenizer" / "spiece"),
                                    vocab_size=40, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
     (root / "tokenizer" / "spiece.vocab").unlink()
     torch.manual_seed(0)

@@ -91,7 +91,8 @@ def test_sd_cli(fake_text, tmp_path):
 
 
 def test_missing_weights_name_the_download_command(tmp_path, capsys):
-    assert sample.main(["--model", str(tmp_path / "IF-I-M-v1.0"), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 1
+    missing = tmp_path / "IF-I-M-v1.0"
+    assert sample.main(["--model", str(missing), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 1
     err = capsys.readouterr().err
     assert "python weights_download.py IF-I-M-v1.0 --dir" in err, err
     incomplete = tmp_path / "IF-I-M-v1.0"

@@ -122,7 +122,8 @@ def generate(model, prompts, sr_model=None, num_images=1, seed=0, steps=None, gu
     d, d_sr = (DEFAULTS["toy"], DEFAULTS["toy-sr"]) if toy else (DEFAULTS[family], DEFAULTS["sr"])
     steps, guidance, sampler = pick(steps, d["steps"]), pick(guidance, d["guidance"]), pick(sampler, d["sampler"])
     sr_steps, sr_guidance = pick(sr_steps, d_sr["steps"]), pick(sr_guidance, d_sr["guidance"])
-    require(model, ["unet/config.json", "scheduler/scheduler_config.json"] + (["vae/config.json"] if family == "sd" else []))
+    require(model, ["unet/config.json", "scheduler/scheduler_config.json"]
+            + (["vae/config.json"] if family == "sd" else []))
     if sr_model is not None:
         require(sr_model, ["unet/config.json", "scheduler/scheduler_config.json",
                            "image_noising_scheduler/scheduler_config.json"])
@@ -153,8 +154,9 @@ def generate(model, prompts, sr_model=None, num_images=1, seed=0, steps=None, gu
     schedule = DiscreteSchedule.from_pretrained(Path(model) / "scheduler")
     common = dict(guidance=guidance, num_steps=steps, sampler=sampler, eta=eta, progress=progress)
     if family == "sd":
-        vae = AutoencoderKL.from_pretrained(Path(model) / "vae", dtype=torch.float32, device=device,  # as diffusers
-                                            variant=cascade.stored_variant(Path(model) / "vae", WEIGHTS_STEM))  # upcasts
+        # the VAE decodes in fp32 even from fp16 files, as diffusers upcasts it (force_upcast)
+        vae = AutoencoderKL.from_pretrained(Path(model) / "vae", dtype=torch.float32, device=device,
+                                            variant=cascade.stored_variant(Path(model) / "vae", WEIGHTS_STEM))
         images = run(lambda i, c_i, g: cascade.sample_latent(unet, vae, schedule, c_i, c_uncond, generator=g,
                                                              **common), "images")
         del unet, vae
@@ -205,7 +207,8 @@ def save_grid(images, rows, path, settings):
 def main(argv=None):
     default_model = TOY_BASE if TOY_BASE.is_dir() else None
     p = argparse.ArgumentParser(prog="python -m tinybooth.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", default=default_model, type=Path,
                    help="IF stage-I or SD pipeline directory (default: the embedded toy cascade)")
     p.add_argument("--sr-model", type=Path, default=None,

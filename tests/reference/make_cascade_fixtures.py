@@ -79,7 +79,8 @@ UNETS = {
                 resnet_skip_time_act=True, time_embedding_act_fn="gelu", time_embedding_dim=24),
     "sd": dict(in_channels=4, out_channels=4, sample_size=4, block_out_channels=[8, 16], layers_per_block=1,
                attention_head_dim=2, cross_attention_dim=16, norm_num_groups=4,
-               down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
+               down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+               up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
 }
 SD_VAE = dict(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=8,
               down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)

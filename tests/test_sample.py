@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from tinybooth import cascade, sample
-from tinybooth.checkpoint import CheckpointError
 
 from conftest import FIXTURES
 

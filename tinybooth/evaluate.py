@@ -221,6 +221,11 @@ TOY_TEMPLATES = (
 )
 
 
+# the toy cascade's sampling settings (tinybooth.train's toy defaults for its sample grids): IF's 100 steps would
+# take hours for the protocol's ~60 images on a CPU, and the toy model draws clean shapes in 25
+TOY_SAMPLING = dict(steps=25, sr_steps=25, guidance=5.0)
+
+
 class ToyScorer:
     """The toy evaluator's analogs of the five metrics (see tinybooth.toy_evaluator):
 
@@ -302,14 +307,14 @@ def write_sheets(out_dir, prompts, prior):
 # generation, through tinybooth.sample (the same code path as `python -m tinybooth.sample`)
 
 def generate(model, sr_model, prompts, prior_prompt, images_dir, n, seed=0, steps=None, guidance=None,
-             sr_steps=None, device="cpu"):
+             sr_steps=None, device="cpu", progress=True):
     """n images per prompt and of the class prompt, written as images_dir/NN/k.png, prior/k.png, prompts.json.
 
     Image k of every prompt uses seed + k (tinybooth.sample's rule), so prompts are compared on equal seeds."""
     from . import sample
     texts = [p["prompt"] for p in prompts] + [prior_prompt]
     images = sample.generate(model, texts, sr_model=sr_model, num_images=n, seed=seed, steps=steps,
-                             guidance=guidance, sr_steps=sr_steps, device=device)["images"]  # [(P + 1) n, 3, H, W] in [-1, 1]
+                             guidance=guidance, sr_steps=sr_steps, device=device, progress=progress)["images"]  # [(P + 1) n, 3, H, W] in [-1, 1]
     write_layout(images_dir, prompts, prior_prompt)
     for i, sub in enumerate([f"{i:02d}" for i in range(len(prompts))] + ["prior"]):
         (Path(images_dir) / sub).mkdir(parents=True, exist_ok=True)
@@ -337,6 +342,7 @@ def resolve(args):
     default (no --model, no --images), and pick the scorer (toy for the toy backbone or pictures <= 64 px)."""
     from . import sample
     toy = False
+    sampling = {}
     if args.images is None and args.model is None:  # the embedded default: the pretrained toy cascade, unpersonalised
         args.model, args.sr_model, toy = sample.TOY_BASE, sample.TOY_SR, True
         toy_subject = json.loads((ASSETS / "toy_subject.json").read_text())
@@ -352,8 +358,15 @@ def resolve(args):
         args.identifier = args.identifier or settings["identifier"]
         toy = settings.get("backbone") == "toy"
         args.out = args.out or run / "eval"
+        # sample the way the run sampled its grids
+        sampling = dict(steps=settings.get("sample_steps"), sr_steps=settings.get("sample_steps"),
+                        guidance=settings.get("guidance"))
     elif args.model is not None:
         toy = Path(args.model).resolve() == Path(sample.TOY_BASE).resolve()
+    if toy and not sampling:
+        sampling = TOY_SAMPLING
+    for k, v in sampling.items():
+        setattr(args, k, getattr(args, k) or v)
     if args.subject_dir is None or args.class_noun is None:
         raise ValueError("--subject-dir and --class-noun are required (they are read from settings.json when "
                          "--model is a tinybooth.train run)")

@@ -144,3 +144,19 @@ def test_comparison_table_reads_the_ablation_settings_of_each_run(tmp_path):
     assert table[0] == "| model | prior preservation | class noun | SR noise level | subject_fidelity | PRES |"
     assert table[3] == "| no-prior | False | 'star' | 1e-05 | 0.500 | 0.750 |"
     assert table[4].startswith("| no-noun | True | '' |"), "an empty class noun (the paper's ablation) shows as ''"
+
+
+@pytest.mark.slow
+def test_cli_on_the_embedded_toy_default(tmp_path):
+    """No --model: the shipped toy cascade (stage I + II) and toy subject, scored by the shipped toy evaluator."""
+    from tinybooth import sample
+    if not (sample.TOY_BASE / "unet").is_dir() or not (sample.TOY_SR / "unet").is_dir():
+        pytest.skip("the embedded toy cascade is not in tinybooth/assets")
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a {identifier} {class_noun} on a green background\n")
+    assert evaluate.main(["--prompts", str(prompts), "--images-per-prompt", "2", "--steps", "2", "--sr-steps", "2",
+                          "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert result["scorer"] == "toy" and result["settings"]["class_noun"] == "star"
+    assert result["settings"]["guidance"] == evaluate.TOY_SAMPLING["guidance"], "toy sampling defaults apply"
+    assert Image.open(tmp_path / "eval" / "images" / "00" / "0.png").size == (64, 64), "stage II's 64 px"

@@ -21,7 +21,7 @@ folder of images generated elsewhere can be scored the same way: `--images DIR` 
     python -m tinybooth.evaluate --model runs/dreambooth-IF-I-M-v1.0        # a tinybooth.train run: the subject,
                                                                            # class noun and [V] come from its
                                                                            # settings.json
-    python -m tinybooth.evaluate --model weights/IF-I-M-v1.0 --sr-model weights/IF-II-M-v1.0 \
+    python -m tinybooth.evaluate --model weights/IF-I-M-v1.0 --sr-model weights/IF-II-M-v1.0 \\
         --subject-dir data/dog --class-noun dog --identifier sks
     python -m tinybooth.evaluate --images runs/dog/eval/images --subject-dir data/dog --class-noun dog
     python -m tinybooth.evaluate --model runs/dreambooth-toy                 # the toy-scale protocol
@@ -34,7 +34,12 @@ Toy-scale protocol. On the embedded toy cascade and the runs trained from it (se
 pictures of at most 64 px, the public encoders mean nothing (they never saw a teal-and-pink star), so the same
 command scores with the toy evaluator's analogs (ToyScorer): subject fidelity (cosine of the evaluator's features,
 plus P(subject)), prompt fidelity (attributes read correctly), PRES (both, on "a star"), DIV (feature distance),
-on TOY_TEMPLATES, 14 recontextualisation and property prompts in the toy world's words. --scorer forces either.
+on TOY_TEMPLATES, 14 recontextualisation and property prompts in the toy world's words, sampled with the run's
+own settings (the embedded default: TOY_SAMPLING). --scorer forces either scorer. Several --model runs (e.g. with
+and without prior preservation, a wrong class noun, SR noise 1e-3 vs 1e-5, trained by tinybooth.train) are each
+evaluated and then compared in one markdown table, the toy version of the paper's ablation tables:
+
+    python -m tinybooth.evaluate --model runs/with-prior --model runs/no-prior --model runs/wrong-noun
 """
 import argparse
 import json

@@ -160,3 +160,9 @@ def test_cli_on_the_embedded_toy_default(tmp_path):
     assert result["scorer"] == "toy" and result["settings"]["class_noun"] == "star"
     assert result["settings"]["guidance"] == evaluate.TOY_SAMPLING["guidance"], "toy sampling defaults apply"
     assert Image.open(tmp_path / "eval" / "images" / "00" / "0.png").size == (64, 64), "stage II's 64 px"
+
+
+def test_auto_scorer_on_a_folder_without_prompts_json_explains_the_layout(tmp_path, capsys):
+    (tmp_path / "00").mkdir()
+    assert evaluate.main(["--images", str(tmp_path), "--subject-dir", str(tmp_path), "--class-noun", "dog"]) == 1
+    assert "prompts.json" in capsys.readouterr().err

@@ -378,7 +378,7 @@ def resolve(args):
     args.identifier = args.identifier or "sks"
     if args.scorer == "auto":
         if args.images is not None:
-            first = next(p for p in sorted(Path(args.images).glob("*/*")) if p.suffix.lower() in IMAGE_SUFFIXES)
+            first = read_layout(args.images)[0][0]["images"][0]  # (explains a folder without prompts.json)
             toy = max(load_rgb(first).size) <= 64  # the toy world's pictures are 64 x 64
         args.scorer = "toy" if toy else "paper"
     if args.prompts is None:

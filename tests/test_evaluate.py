@@ -166,3 +166,21 @@ def test_auto_scorer_on_a_folder_without_prompts_json_explains_the_layout(tmp_pa
     (tmp_path / "00").mkdir()
     assert evaluate.main(["--images", str(tmp_path), "--subject-dir", str(tmp_path), "--class-noun", "dog"]) == 1
     assert "prompts.json" in capsys.readouterr().err
+
+
+def test_a_training_run_supplies_subject_noun_identifier_and_its_sampling(tmp_path, request):
+    """--model runs/NAME: settings.json gives the subject, class noun, [V], the grids' steps and guidance, and
+    the SR stage samples at its fine-tuning augmentation level (paper: 1e-5 -> IF step 0)."""
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    shutil.copytree(request.config.rootpath / "tests" / "fixtures" / "cascade" / "if2", run / "sr_model")
+    (run / "settings.json").write_text(json.dumps(dict(
+        instance_dir="photos/dog", class_noun="dog", identifier="zwx", backbone="if", sample_steps=7, guidance=3.0,
+        sr_steps=10, sr_noise_level=1e-5)))
+    args = evaluate.parse_args(["--model", str(run)])
+    args.model = args.model[0]
+    args = evaluate.resolve(args)
+    assert (args.model, args.sr_model, args.out) == (run / "model", run / "sr_model", run / "eval")
+    assert (args.subject_dir, args.class_noun, args.identifier) == ("photos/dog", "dog", "zwx")
+    assert (args.steps, args.sr_steps, args.guidance, args.sr_noise_level) == (7, 7, 3.0, 0)
+    assert (args.scorer, args.prompts) == ("paper", "paper")

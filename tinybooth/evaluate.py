@@ -312,14 +312,16 @@ def write_sheets(out_dir, prompts, prior):
 # generation, through tinybooth.sample (the same code path as `python -m tinybooth.sample`)
 
 def generate(model, sr_model, prompts, prior_prompt, images_dir, n, seed=0, steps=None, guidance=None,
-             sr_steps=None, device="cpu", progress=True):
+             sr_steps=None, sr_noise_level=None, device="cpu", progress=True):
     """n images per prompt and of the class prompt, written as images_dir/NN/k.png, prior/k.png, prompts.json.
 
     Image k of every prompt uses seed + k (tinybooth.sample's rule), so prompts are compared on equal seeds."""
     from . import sample
     texts = [p["prompt"] for p in prompts] + [prior_prompt]
+    level = {} if sr_noise_level is None else {"sr_noise_level": sr_noise_level}  # None: IF's default 250
     images = sample.generate(model, texts, sr_model=sr_model, num_images=n, seed=seed, steps=steps,
-                             guidance=guidance, sr_steps=sr_steps, device=device, progress=progress)["images"]  # [(P + 1) n, 3, H, W] in [-1, 1]
+                             guidance=guidance, sr_steps=sr_steps, device=device, progress=progress,
+                             **level)["images"]  # [(P + 1) n, 3, H, W] in [-1, 1]
     write_layout(images_dir, prompts, prior_prompt)
     for i, sub in enumerate([f"{i:02d}" for i in range(len(prompts))] + ["prior"]):
         (Path(images_dir) / sub).mkdir(parents=True, exist_ok=True)
@@ -363,15 +365,20 @@ def resolve(args):
         args.identifier = args.identifier or settings["identifier"]
         toy = settings.get("backbone") == "toy"
         args.out = args.out or run / "eval"
-        # sample the way the run sampled its grids
+        # sample the way the run sampled its grids; a fine-tuned SR stage at its fine-tuning augmentation level
         sampling = dict(steps=settings.get("sample_steps"), sr_steps=settings.get("sample_steps"),
                         guidance=settings.get("guidance"))
+        if args.sr_model is not None and settings.get("sr_steps", 0) > 0:
+            from .cascade import level_from_continuous
+            from .schedule import DiscreteSchedule
+            T = DiscreteSchedule.from_pretrained(Path(args.sr_model) / "image_noising_scheduler").num_train_timesteps
+            sampling["sr_noise_level"] = level_from_continuous(settings["sr_noise_level"], T)
     elif args.model is not None:
         toy = Path(args.model).resolve() == Path(sample.TOY_BASE).resolve()
     if toy and not sampling:
         sampling = TOY_SAMPLING
     for k, v in sampling.items():
-        setattr(args, k, getattr(args, k) or v)
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.subject_dir is None or args.class_noun is None:
         raise ValueError("--subject-dir and --class-noun are required (they are read from settings.json when "
                          "--model is a tinybooth.train run)")
@@ -388,6 +395,7 @@ def resolve(args):
 
 
 def parse_args(argv=None):
+    from .sample import parse_noise_level
     p = argparse.ArgumentParser(prog="python -m tinybooth.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="a tinybooth.train run directory (settings.json, model/, "
@@ -409,6 +417,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="sampling steps (default: tinybooth.sample's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: tinybooth.sample's)")
     p.add_argument("--sr-steps", type=int, help="stage-II sampling steps (default: tinybooth.sample's)")
+    p.add_argument("--sr-noise-level", type=parse_noise_level,
+                   help="stage-II augmentation, an IF step (250) or the paper's continuous level (1e-5); default: "
+                        "a run's SR fine-tuning level, else IF's 250")
     p.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
     p.add_argument("--out", help="output folder (default: <model>/eval, or the parent of --images)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -429,7 +440,7 @@ def evaluate(args):
         templates = prompt_templates(args.class_noun, args.prompts)
         generate(args.model, args.sr_model, build_prompts(templates, args.identifier, args.class_noun),
                  fill("a {class_noun}", "", args.class_noun), images_dir, args.images_per_prompt, args.seed,
-                 args.steps, args.guidance, args.sr_steps, args.device)
+                 args.steps, args.guidance, args.sr_steps, args.sr_noise_level, args.device)
     result, prompts, prior = scoring_images(images_dir, args.subject_dir, args.scorer, args.weights_dir,
                                             args.device)
     result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

@@ -211,7 +211,7 @@ def test_if_run_writes_a_loadable_personalised_cascade(tiny_if, photos, tmp_path
     printed = capsys.readouterr().out
     assert "instance prompt" in printed and "a sks blob" in printed, "effective settings are printed at start"
     assert str(out.resolve()) in printed, "the run must say where its outputs are"
-    for name in ("samples.png", "loss.png", "metrics.json", "settings.json", "checkpoint.pt"):
+    for name in ("samples.png", "samples_cascade.png", "loss.png", "metrics.json", "settings.json", "checkpoint.pt"):
         assert (out / name).exists(), f"{name} missing from the outputs"
     assert len(list((out / "class_images" / "a_blob").glob("*.png"))) == 4
     base, sr = tiny_if

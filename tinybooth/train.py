@@ -372,21 +372,26 @@ def generate_class_images(cfg, backbone, prompt_cache, class_prompt):
 
 
 @torch.no_grad()
-def generate(backbone, prompt_cache, prompts, seed, steps, sampler, guidance, sr_level=None):
-    """Images [N, 3, H, W] in [-1, 1] for prompts with the pipelines of tinybooth.cascade: IF stage I, then stage
-    II at augmentation step sr_level when given and the backbone has one; or SD's latent path."""
+def generate(backbone, prompt_cache, prompts, seed, steps, sampler, guidance):
+    """Images [N, 3, H, W] in [-1, 1] for prompts from the base model, with the pipelines of tinybooth.cascade:
+    IF stage I, or SD's latent path (decoded by the VAE)."""
     g = torch.Generator().manual_seed(seed)  # cascade draws z_T on the CPU, as diffusers' pipelines do
     c = torch.cat([prompt_cache[p] for p in prompts])  # [N, L, D]
     c_uncond = prompt_cache[""].expand_as(c)  # the empty prompt: the unconditional branch of guidance
     if backbone.vae is not None:
         return cascade.sample_latent(backbone.unet, backbone.vae, backbone.schedule, c, c_uncond, guidance, steps,
                                      sampler, generator=g).clamp(-1, 1)
-    x = cascade.sample_base(backbone.unet, backbone.schedule, c, c_uncond, guidance, steps, sampler, generator=g)
-    if sr_level is not None and backbone.sr_unet is not None:
-        x = cascade.sample_super_resolution(backbone.sr_unet, backbone.sr_schedule, backbone.noising_schedule,
-                                            x.clamp(-1, 1), c, c_uncond, noise_level=sr_level, num_steps=steps,
-                                            sampler=sampler, generator=g)
-    return x.clamp(-1, 1)
+    return cascade.sample_base(backbone.unet, backbone.schedule, c, c_uncond, guidance, steps, sampler,
+                               generator=g).clamp(-1, 1)
+
+
+@torch.no_grad()
+def super_resolve(backbone, prompt_cache, prompts, x_low, seed, steps, level):
+    """IF stage II on base-model images x_low [N, 3, h, w]: [N, 3, H, W] in [-1, 1], augmentation step `level`."""
+    c = torch.cat([prompt_cache[p] for p in prompts])  # [N, L, D]
+    return cascade.sample_super_resolution(backbone.sr_unet, backbone.sr_schedule, backbone.noising_schedule, x_low,
+                                           c, prompt_cache[""].expand_as(c), noise_level=level, num_steps=steps,
+                                           sampler="ancestral", generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -787,10 +792,7 @@ def super_resolution_psnr(backbone, cache, instance_prompt, instance_dir, sr_lev
     resolution) against the real photo, with the instance prompt, sampled at the fine-tuning augmentation level."""
     x_high = data.load_instance_images(instance_dir, backbone.sr_resolution)  # [N, 3, H, W]
     x_low = data.resize_images(x_high, backbone.resolution)
-    c = repeat(cache[instance_prompt], len(x_high))
-    x_sr = cascade.sample_super_resolution(backbone.sr_unet, backbone.sr_schedule, backbone.noising_schedule, x_low,
-                                           c, cache[""].expand_as(c), noise_level=sr_level, num_steps=steps,
-                                           sampler="ancestral", generator=torch.Generator().manual_seed(0))
+    x_sr = super_resolve(backbone, cache, [instance_prompt] * len(x_high), x_low, 0, steps, sr_level)
     mse = ((x_sr.clamp(-1, 1).cpu() - x_high) / 2).square().mean()  # in [0, 1] pixel units
     return float(10 * torch.log10(1 / mse))
 
@@ -878,13 +880,17 @@ def _run(cfg):
     metrics = {"final_loss": final_losses(history)}
     if cfg.num_samples > 0:
         # a fine-tuned SR model is sampled at the augmentation level it was fine-tuned at; otherwise IF's default
-        sr_level = sr_sampling_level(cfg, backbone)
-        images = generate(backbone, cache, [p for p in prompts for _ in range(cfg.num_samples)], seed=cfg.seed,
-                          steps=cfg.sample_steps, sampler="ancestral", guidance=cfg.guidance, sr_level=sr_level)
-        save_grid(images, prompts, out / "samples.png")
+        sr_level, grid_prompts = sr_sampling_level(cfg, backbone), [p for p in prompts for _ in range(cfg.num_samples)]
+        images = generate(backbone, cache, grid_prompts, seed=cfg.seed, steps=cfg.sample_steps, sampler="ancestral",
+                          guidance=cfg.guidance)
+        save_grid(images, prompts, out / "samples.png")  # the base model: where [V] is bound to the subject
+        psnr = None
+        if backbone.sr_unet is not None:
+            save_grid(super_resolve(backbone, cache, grid_prompts, images, cfg.seed, cfg.sample_steps, sr_level),
+                      prompts, out / "samples_cascade.png")
+            psnr = super_resolution_psnr(backbone, cache, instance_prompt, cfg.instance_dir, sr_level,
+                                         cfg.sample_steps)
         if cfg.backbone == "toy":
-            psnr = None if backbone.sr_unet is None else super_resolution_psnr(
-                backbone, cache, instance_prompt, cfg.instance_dir, sr_level, cfg.sample_steps)
             metrics["toy"] = toy_metrics(images, prompts, cfg.num_samples, x_inst, x_class, psnr)
     plot_losses(history, out / "loss.png")
     timings["samples_s"] = round(time.time() - t0, 1)
@@ -945,6 +951,7 @@ def print_outputs(cfg, out, metrics):
                        ("sr_model", "the personalised super-resolution model"),
                        ("lora", "the LoRA adapters (pytorch_lora_weights.safetensors)"),
                        ("samples.png", "sample grid: recontextualisation, properties, and the bare class prompt"),
+                       ("samples_cascade.png", "the same samples after the super-resolution stage"),
                        ("loss.png", "subject and prior loss per step"),
                        ("metrics.json", "settings, losses, timings" + (", toy-evaluator scores"
                                                                          if "toy" in metrics else "")),

@@ -17,15 +17,6 @@ from conftest import FIXTURES
 
 PIPES = FIXTURES / "cascade"
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The fixture models are tiny: one thread avoids thread-synchronisation stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 @pytest.fixture
 def fake_text(monkeypatch):

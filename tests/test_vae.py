@@ -14,15 +14,6 @@ VAE = FIXTURES / "vae"
 NAMES = ["sd_like", "legacy", "plain"]
 TOL = 1e-4
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The fixture models are tiny: one thread avoids thread-synchronisation stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 def load(name):
     return AutoencoderKL.from_pretrained(VAE / name / "vae"), load_file(str(VAE / name / "io.safetensors"))

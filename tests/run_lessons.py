@@ -2,6 +2,7 @@
 
 Usage: python tests/run_lessons.py [lessons/03_samplers.ipynb ...]
 """
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,8 @@ import nbclient
 import nbformat
 
 LESSONS = Path(__file__).resolve().parent.parent / "lessons"
+# the lessons' models are tiny: one thread per kernel avoids thread-synchronisation stalls on 2 busy cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run(path):

@@ -364,7 +364,12 @@ def hybrid_loss(unet, x, c, gen, schedule, **cond):
 def train_base(args, data, captions, tokenizer, device, log):
     """Train the T5 encoder and the stage-I U-Net together on 32 x 32 pictures (step 3 of the recipe)."""
     torch.manual_seed(args.seed)
-    t5, unet = T5Encoder.from_config(T5_CONFIG).to(device), UNet.from_config(BASE_UNET_CONFIG).to(device)
+    if args.resume:  # continue from the weights in --out
+        t5 = T5Encoder.from_pretrained(Path(args.out) / "toy-IF-I" / "text_encoder", dtype=torch.float32)
+        unet = UNet.from_pretrained(Path(args.out) / "toy-IF-I" / "unet", dtype=torch.float32)
+    else:
+        t5, unet = T5Encoder.from_config(T5_CONFIG), UNet.from_config(BASE_UNET_CONFIG)
+    t5, unet = t5.to(device).train(), unet.to(device).train()
     schedule = on_device(DiscreteSchedule.from_config(SCHEDULER_CONFIG), device)
 
     def loss_fn(gen):
@@ -382,7 +387,8 @@ def train_base(args, data, captions, tokenizer, device, log):
 def train_sr(args, data, captions, t5, device, log):
     """Train the stage-II U-Net (32 -> 64) with the T5 encoder frozen, noise augmentation at random levels."""
     torch.manual_seed(args.seed + 1)
-    unet = UNet.from_config(SR_UNET_CONFIG).to(device)
+    unet = (UNet.from_pretrained(Path(args.out) / "toy-IF-II" / "unet", dtype=torch.float32) if args.resume
+            else UNet.from_config(SR_UNET_CONFIG)).to(device).train()
     schedule = on_device(DiscreteSchedule.from_config(SR_SCHEDULER_CONFIG), device)
     noising = on_device(DiscreteSchedule.from_config(NOISING_SCHEDULER_CONFIG), device)
     t5.requires_grad_(False)
@@ -560,6 +566,8 @@ def main(argv=None):
     p.add_argument("--num-samples", type=int, default=256, help="samples for the quality bar (>= 200)")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--log", default=None, help="also append the log to this file")
+    p.add_argument("--resume", action="store_true",
+                   help="start the base / SR stages from the weights already in --out (a run continued)")
     args = p.parse_args(argv)
     stages, device, out = args.stages.split(","), torch.device(args.device), Path(args.out)
     t_start = time.time()
@@ -600,13 +608,15 @@ def main(argv=None):
         t5, base, info = train_base(args, data, captions, tokenizer, device, log)
         save_stage_one(out, t5, base, tok_dir)
         results["stages"]["base"] = dict(info, batch_size=args.batch_size, lr=args.lr, images=args.num_images,
-                                         seed=args.seed, machine=machine)
+                                         seed=args.seed, machine=machine,
+                                         continues=results["stages"].get("base") if args.resume else None)
     if "sr" in stages or "measure" in stages:
         t5 = T5Encoder.from_pretrained(out / "toy-IF-I" / "text_encoder", device=device).eval()
     if "sr" in stages:
         sr, info = train_sr(args, data, captions, t5, device, log)
         save_stage_two(out, sr)
-        results["stages"]["sr"] = dict(info, batch_size=args.sr_batch_size, lr=args.lr, images=args.num_images,
+        results["stages"]["sr"] = dict(info, continues=results["stages"].get("sr") if args.resume else None,
+                                       batch_size=args.sr_batch_size, lr=args.lr, images=args.num_images,
                                        seed=args.seed + 1, machine=machine)
     if "measure" in stages:
         evaluator = ToyEvaluator.from_pretrained(out / "toy-evaluator", device=device).eval()

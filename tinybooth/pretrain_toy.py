@@ -36,7 +36,8 @@ The recipe, stage by stage:
 Weights are trained in fp32 under bf16 autocast (on CUDA), AdamW at a constant learning rate after a warm-up, and
 the shipped weights are an exponential moving average (EMA) of the trained ones. Each stage stops after its step
 count or its time limit, whichever comes first; results.json records the steps actually run, so
-`--base-steps N --sr-steps M` with no time limits repeats a run.
+`--base-steps N --sr-steps M` with no time limits repeats a run, and `--resume` continues a stage from the weights
+already in --out (the shipped SR model is 886 + 1044 steps: see toy-IF-I/TRAINING.md).
 """
 import argparse
 import copy

@@ -59,7 +59,7 @@ def one(config_name, setting, device, steps, batch):
     x, x_pr = torch.randn(batch, C, R, R, device=device), torch.randn(batch, C, R, R, device=device)
     c, c_pr = torch.randn(batch, 77, text_dim, device=device), torch.randn(batch, 77, text_dim, device=device)
     loss_fn = lambda g: train.dreambooth_loss(unet, schedule, x, c, x_pr, c_pr, 1.0, g)  # noqa: E731
-    stage = train.Stage("bench", {"unet": unet}, loss_fn, cfg, steps + 1, device, [])
+    stage = train.Stage("bench", {"unet": unet}, loss_fn, cfg, steps + 1, cfg.lr, device, [])
     stage.train_step()  # warm-up (allocator, kernels)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -58,11 +58,11 @@ MAX_TEXT_LENGTH = 77  # tokens per prompt, as IF and SD 1.x
 # Settings that depend on the backbone; the user's flags override them. Paper: lr 1e-5 (Imagen), 5e-6 (SD),
 # ~1000 steps. The toy model is ~100x smaller and must finish in ~3 CPU minutes: higher lr, fewer steps.
 BACKBONE_DEFAULTS = {
-    "toy": dict(lr=1e-4, max_steps=160, sr_steps=60, batch_size=4, num_class_images=32, class_steps=25,
+    "toy": dict(lr=7e-4, sr_lr=1e-4, max_steps=200, sr_steps=60, batch_size=4, num_class_images=32, class_steps=25,
                 sample_steps=25, guidance=5.0, checkpoint_every=100, num_samples=3),
-    "if": dict(lr=1e-5, max_steps=1000, sr_steps=500, batch_size=1, num_class_images=200, class_steps=100,
+    "if": dict(lr=1e-5, sr_lr=1e-5, max_steps=1000, sr_steps=500, batch_size=1, num_class_images=200, class_steps=100,
                sample_steps=50, guidance=7.0, checkpoint_every=250, num_samples=4),
-    "sd": dict(lr=5e-6, max_steps=1000, sr_steps=0, batch_size=1, num_class_images=200, class_steps=50,
+    "sd": dict(lr=5e-6, sr_lr=None, max_steps=1000, sr_steps=0, batch_size=1, num_class_images=200, class_steps=50,
                sample_steps=50, guidance=7.5, checkpoint_every=250, num_samples=4),
 }
 
@@ -94,6 +94,7 @@ class TrainConfig:
     train_text_encoder: bool
     lora_rank: int
     lr: float
+    sr_lr: float
     lr_warmup_steps: int
     max_steps: int
     sr_steps: int
@@ -135,7 +136,8 @@ def build_parser():
     a("--prior-loss-weight", type=float, default=1.0, help="lambda of eq. (2)")
     a("--train-text-encoder", action="store_true", help="fine-tune the text encoder too (CLIP, the toy T5)")
     a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of all weights (0: off)")
-    a("--lr", type=float, help="learning rate (backbone default: 1e-5 IF, 5e-6 SD, 1e-4 toy)")
+    a("--lr", type=float, help="learning rate of the base model (backbone default: 1e-5 IF, 5e-6 SD, 7e-4 toy)")
+    a("--sr-lr", type=float, help="learning rate of the super-resolution model (default: 1e-5 IF, 1e-4 toy)")
     a("--lr-warmup-steps", type=int, default=10, help="linear warm-up steps, then constant")
     a("--max-steps", type=int, help="optimizer steps of the base model (backbone default)")
     a("--sr-steps", type=int, help="optimizer steps of the super-resolution model (0 skips it)")
@@ -195,7 +197,7 @@ def settings_from_args(argv=None):
         backbone=backbone, num_class_images=pick("num_class_images"), class_sampler=args.class_sampler,
         class_steps=pick("class_steps"), class_batch_size=args.class_batch_size,
         prior_preservation=args.prior_preservation, prior_loss_weight=args.prior_loss_weight,
-        train_text_encoder=args.train_text_encoder, lora_rank=args.lora_rank, lr=pick("lr"),
+        train_text_encoder=args.train_text_encoder, lora_rank=args.lora_rank, lr=pick("lr"), sr_lr=pick("sr_lr"),
         lr_warmup_steps=args.lr_warmup_steps, max_steps=pick("max_steps"),
         sr_steps=pick("sr_steps") if sr_model else 0, sr_noise_level=args.sr_noise_level,
         batch_size=pick("batch_size"), grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
@@ -489,10 +491,11 @@ class Stage:
     """One fine-tuning stage ("base" or "sr"): the trained parameters, AdamW, a warm-up LR schedule, the RNG and
     the step count. `run` steps until max_steps, checkpointing as it goes."""
 
-    def __init__(self, name, modules, loss_fn, cfg, max_steps, device, history):
+    def __init__(self, name, modules, loss_fn, cfg, max_steps, lr, device, history):
         self.name, self.modules, self.loss_fn, self.cfg, self.max_steps = name, modules, loss_fn, cfg, max_steps
         self.params = {f"{k}.{n}": p for k, m in modules.items() for n, p in m.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=1e-2)
+        self.lr = lr
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=lr, weight_decay=1e-2)
         warmup = max(cfg.lr_warmup_steps, 1)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16")
@@ -562,8 +565,8 @@ class Stage:
                     last = f"'{self.ckpt_path}'" if self.ckpt_path.exists() else "none (no checkpoint written yet)"
                     raise TrainingError(
                         f"{self.name} loss became {loss} at step {self.step + 1} (terms: {logs}); stopping. The "
-                        f"last good checkpoint is {last}; it was not overwritten. Try a lower --lr (now "
-                        f"{self.cfg.lr:g}), --mixed-precision bf16 instead of fp16, or check the instance images")
+                        f"last good checkpoint is {last}; it was not overwritten. Try a lower learning rate (now "
+                        f"{self.lr:g}), --mixed-precision bf16 instead of fp16, or check the instance images")
                 self.step, rng_at_start = self.step + 1, None
                 self.history.append({"stage": self.name, "step": self.step, "lr": self.lr_schedule.get_last_lr()[0],
                                      **{k: round(v, 6) for k, v in logs.items()}})
@@ -628,7 +631,7 @@ def make_base_stage(cfg, backbone, cache, instance_prompt, class_prompt, x_inst,
             x_pr, c_pr = model_space(x_class[j], generator), repeat(text_now[class_prompt], B)
         return dreambooth_loss(unet, backbone.schedule, x, c, x_pr, c_pr, cfg.prior_loss_weight, generator)
 
-    return Stage("base", modules, loss_fn, cfg, cfg.max_steps, device, history)
+    return Stage("base", modules, loss_fn, cfg, cfg.max_steps, cfg.lr, device, history)
 
 
 def make_sr_stage(cfg, backbone, cache, instance_prompt, device, frozen_dtype, history):
@@ -649,7 +652,7 @@ def make_sr_stage(cfg, backbone, cache, instance_prompt, device, frozen_dtype, h
         return dreambooth_loss(sr_unet, backbone.sr_schedule, x, c, None, None, 0.0, generator,
                                x_cond=x_cond, noise_level=levels)
 
-    return Stage("sr", {"sr_unet": sr_unet}, loss_fn, cfg, cfg.sr_steps, device, history)
+    return Stage("sr", {"sr_unet": sr_unet}, loss_fn, cfg, cfg.sr_steps, cfg.sr_lr, device, history)
 
 
 def save_base(cfg, backbone, out):
@@ -957,7 +960,7 @@ def print_outputs(cfg, out, metrics):
                                                                          if "toy" in metrics else "")),
                        ("checkpoint.pt", "last checkpoint (for --resume)")):
         if (out / name).exists():
-            print(f"  {name:14s} {what}")
+            print(f"  {name:20s} {what}")
     if "toy" in metrics:
         print(f"toy evaluator: {metrics['toy']}")
 

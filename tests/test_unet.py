@@ -22,16 +22,6 @@ WHAT = {"if1": "IF stage-I-like (added-KV attention, text pooling, text mask)",
         "sd_linear": "SD-2-like (linear projections, per-block heads, 2 transformer layers)"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The fixture models are tiny: one thread avoids thread-synchronisation stalls on a busy 2-core machine
-    (this file runs in ~6 s instead of ~40 s under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load(fixtures_dir, name):
     model = UNet.from_pretrained(fixtures_dir / "unet" / name / "unet")
     return model, load_file(str(fixtures_dir / "unet" / name / "io.safetensors"))

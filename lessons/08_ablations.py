@@ -14,6 +14,7 @@ Lesson 08 shows the table this writes (a full set of runs takes ~10-15 minutes o
 """
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -54,7 +55,7 @@ def main(argv=None):
     rows = [run_variant(name, flags, changes, Path(args.runs_dir), extra)
             for name, (flags, changes) in VARIANTS.items()]
     table = {"command": "python lessons/08_ablations.py" + (f" --steps {args.steps}" if args.steps else ""),
-             "machine": f"{platform.processor() or platform.machine()}, {platform.system()}, torch CPU",
+             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch CPU",
              "minutes": round((time.time() - t0) / 60, 1), "rows": rows}
     Path(args.out).write_text(json.dumps(table, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -114,9 +114,18 @@ class TrainConfig:
     device: str
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something: not None (the help names the backbone's), not on/off flags."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m tinybooth.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     a = p.add_argument
     a("--model", help="pipeline directory in the public layout (IF stage I or SD 1.x); default: the embedded toy")
     a("--sr-model", help="IF stage-II directory to fine-tune too (default: the toy's, for the toy; 'none' skips)")

@@ -115,10 +115,11 @@ def load_into(module, state, name="model"):
     return module
 
 
-def load_pretrained(cls, path, stem, dtype=None, device=None, variant=None, rename=None):
+def load_pretrained(cls, path, stem, dtype=None, device=None, variant=None, convert=None):
     """The usual from_pretrained: config.json -> cls.from_config on the meta device -> strict weight copy.
 
-    rename: optional function mapping a checkpoint key to tinybooth's key (legacy names); None keeps keys as is.
+    convert: optional function (state, name) -> state applying a network's small table of legacy key names
+    (renames, dropped buffers) before the strict check; None keeps the file's keys as they are.
     """
     path = Path(path)
     if not path.is_dir():
@@ -126,11 +127,12 @@ def load_pretrained(cls, path, stem, dtype=None, device=None, variant=None, rena
     config = read_config(path)
     files = find_weight_files(path, stem, variant)
     state = read_state_dict(files, dtype=dtype, device=device or "cpu")
-    if rename is not None:
-        state = {rename(k): v for k, v in state.items()}
+    name = f"{cls.__name__} in '{path}'"
+    if convert is not None:
+        state = convert(state, name)
     with torch.device("meta"):
         model = cls.from_config(config)
-    load_into(model, state, name=f"{cls.__name__} in '{path}'")
+    load_into(model, state, name=name)
     return model.eval()
 
 

@@ -67,22 +67,6 @@ def split_loaded_keys(state, table, name):
     return state
 
 
-def load_text_encoder(cls, path, dtype, device, variant, rename):
-    """config.json -> cls.from_config on the meta device -> strict copy, after the encoder's key table `rename`."""
-    path = Path(path)
-    if not path.is_dir():
-        raise checkpoint.CheckpointError(f"text encoder directory '{path}' does not exist. Download the weights "
-                                         f"first: {checkpoint.DOWNLOAD_HINT}")
-    config = checkpoint.read_config(path)
-    files = checkpoint.find_weight_files(path, "model", variant)
-    name = f"{cls.__name__} in '{path}'"
-    state = rename(checkpoint.read_state_dict(files, dtype=dtype, device=device or "cpu"), name)
-    with torch.device("meta"):
-        model = cls.from_config(config)
-    checkpoint.load_into(model, state, name=name)
-    return model.eval()
-
-
 # ================================================================================================================
 # T5 v1.1 encoder
 
@@ -287,8 +271,8 @@ class T5Encoder(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None, variant=None):
         """A T5EncoderModel directory (single file, sharded, or variant='fp16'). dtype=None keeps each tensor's own
         dtype (the public fp16 files keep `wo` in fp32); pass torch.bfloat16 or torch.float32 to cast all."""
-        rename = lambda state, name: split_loaded_keys(state, cls.ALIASES, name)  # noqa: E731
-        return load_text_encoder(cls, path, dtype, device, variant, rename)
+        convert = lambda state, name: split_loaded_keys(state, cls.ALIASES, name)  # noqa: E731
+        return checkpoint.load_pretrained(cls, path, "model", dtype, device, variant, convert=convert)
 
     def save_pretrained(self, path):
         return checkpoint.save_pretrained(self, path, self.config, "model")
@@ -551,10 +535,10 @@ class CLIPTextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, variant=None):
         """A CLIPTextModel directory (SD 1.x: <pipeline>/text_encoder), keys with or without `text_model.`."""
-        def rename(state, name):
+        def convert(state, name):
             state = {k if k.startswith(cls.PREFIX) else cls.PREFIX + k: v for k, v in state.items()}
             return split_loaded_keys(state, cls.ALIASES, name)
-        return load_text_encoder(cls, path, dtype, device, variant, rename)
+        return checkpoint.load_pretrained(cls, path, "model", dtype, device, variant, convert=convert)
 
     def save_pretrained(self, path):
         return checkpoint.save_pretrained(self, path, self.config, "model")

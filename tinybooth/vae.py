@@ -277,7 +277,7 @@ class AutoencoderKL(nn.Module):
         Mid-block attention weights stored under the legacy names (SD 1.5) are renamed by LEGACY_ATTENTION_NAMES.
         """
         return ckpt.load_pretrained(cls, path, WEIGHTS_STEM, dtype=dtype, device=device, variant=variant,
-                                    rename=rename_legacy_key)
+                                    convert=lambda state, name: {rename_legacy_key(k): v for k, v in state.items()})
 
     def save_pretrained(self, path, variant=None):
         """Write config.json + diffusion_pytorch_model[.variant].safetensors, with today's key names."""

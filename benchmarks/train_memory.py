@@ -5,6 +5,8 @@ AdamW, gradient clipping) on a U-Net config with random weights, in its own subp
 
     full        every weight trained, fp32
     full-bf16   every weight trained (fp32 master weights) under bf16 autocast, gradient checkpointing
+    full-fused  full-bf16 with the optimizer step fused into backward (--optimizer-in-backward: no full set of
+                gradients is ever held)
     lora        LoRA rank 4 on the attention projections, frozen base in bf16, autocast, gradient checkpointing
 
     python benchmarks/train_memory.py --config IF-I-M SD-1.5 --device cuda --steps 5
@@ -38,6 +40,7 @@ MID_CONFIGS = {  # the IF-I and SD layouts at a fraction of the width, for CPU r
 }
 SETTINGS = {"full": dict(mixed_precision="no", checkpointing=False, lora_rank=0),
             "full-bf16": dict(mixed_precision="bf16", checkpointing=True, lora_rank=0),
+            "full-fused": dict(mixed_precision="bf16", checkpointing=True, lora_rank=0, in_backward=True),
             "lora": dict(mixed_precision="bf16", checkpointing=True, lora_rank=4)}
 
 
@@ -51,7 +54,8 @@ def one(config_name, setting, device, steps, batch):
         unet.enable_gradient_checkpointing()
     frozen = torch.bfloat16 if s["mixed_precision"] == "bf16" else torch.float32
     cfg = SimpleNamespace(lr=1e-5, lr_warmup_steps=1, mixed_precision=s["mixed_precision"], seed=0, grad_accum=1,
-                          max_grad_norm=1.0, checkpoint_every=10 ** 9, output_dir="/tmp", lora_rank=s["lora_rank"])
+                          max_grad_norm=1.0, checkpoint_every=10 ** 9, output_dir="/tmp", lora_rank=s["lora_rank"],
+                          optimizer_in_backward=s.get("in_backward", False))
     train.make_trainable(unet, cfg, lora.UNET_TARGETS, frozen)
     schedule = DiscreteSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
     C, R = config["in_channels"], config["sample_size"]

@@ -263,6 +263,63 @@ def test_resume_after_ctrl_c_reaches_the_same_weights(tiny_if, photos, tmp_path,
         "interrupted + resumed must give bit-identical weights to an uninterrupted run (--deterministic, CPU)"
 
 
+def test_optimizer_in_backward_is_adamw_without_holding_the_gradients():
+    torch.manual_seed(0)
+    unet = UNet.from_config(IF_UNET)
+    twin = UNet.from_config(IF_UNET)
+    twin.load_state_dict(unet.state_dict())
+    params = dict(unet.named_parameters())
+    in_backward = train.OptimizerInBackward(params, lr=1e-2, weight_decay=1e-2, max_grad_norm=float("inf"))
+    reference = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=1e-2)
+    x, c = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 16)
+    t = torch.tensor([10, 900])
+    seen = []  # how many gradients exist each time a weight is updated
+    for p in params.values():
+        p.register_post_accumulate_grad_hook(lambda p: seen.append(sum(q.grad is not None for q in params.values())))
+    for _ in range(3):
+        unet(x, t, c).square().mean().backward()  # the update happens in here
+        reference.zero_grad()
+        twin(x, t, c).square().mean().backward()
+        reference.step()
+    assert all(p.grad is None for p in params.values()), "every gradient is freed once its weight is updated"
+    assert len(seen) == 3 * len(params) and max(seen) == 0, "each gradient is gone right after its update"
+    for (name, a), b in zip(unet.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name}: not AdamW's update")
+    in_backward.remove_hooks()
+    before = {k: p.detach().clone() for k, p in params.items()}
+    unet(x, t, c).square().mean().backward()
+    assert all(torch.equal(before[k], p) for k, p in params.items()), "remove_hooks: no more updates in backward"
+
+
+def test_optimizer_in_backward_holds_ctrl_c_until_the_step_is_done(tiny_if, photos, tmp_path, monkeypatch):
+    import os
+    import signal
+    args = ["--sr-steps", "0", "--num-samples", "0", "--max-steps", "5", "--deterministic", "--optimizer-in-backward"]
+    full = tmp_path / "full"
+    train.main(_if_args(tiny_if, photos, full, *args))
+
+    cut = tmp_path / "cut"
+    real_loss, calls = train.dreambooth_loss, {"n": 0}
+
+    def ctrl_c_mid_step(*a, **k):  # Ctrl-C arrives while step 4 computes its loss, before its backward
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(train, "dreambooth_loss", ctrl_c_mid_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_if_args(tiny_if, photos, cut, *args))
+    ckpt = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4, "the step Ctrl-C arrived in is finished (its weights were already changing)"
+    monkeypatch.setattr(train, "dreambooth_loss", real_loss)
+    train.main(_if_args(tiny_if, photos, cut, *args, "--resume"))
+    a, b = _unet_state(full / "model" / "unet"), _unet_state(cut / "model" / "unet")
+    assert all(torch.equal(a[k], b[k]) for k in a), "interrupted + resumed must match the uninterrupted run"
+    with pytest.raises(ValueError, match="--grad-accum 1"):
+        train.main(_if_args(tiny_if, photos, tmp_path / "x", "--optimizer-in-backward", "--grad-accum", "2"))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_if, photos, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_loss = train.dreambooth_loss

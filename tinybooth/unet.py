@@ -192,7 +192,11 @@ class Block(nn.Module):
     gradient_checkpointing = False
 
     def run(self, layer, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        # IF's attention layers are stored, not recomputed: scaled_dot_product_attention keeps little for backward
+        # (q, k, v, the output), so recomputing them would cost more time than the memory it frees (diffusers
+        # checkpoints IF blocks the same way; SD's transformer layers hold far more and are recomputed)
+        recompute = not isinstance(layer, AddedKVAttention)
+        if self.gradient_checkpointing and recompute and torch.is_grad_enabled():
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
@@ -383,7 +387,7 @@ class UNet(nn.Module):
         return ckpt.save_pretrained(self, path, self.config, WEIGHTS_STEM, variant=variant)
 
     def enable_gradient_checkpointing(self, enabled=True):
-        """Recompute each ResBlock / attention layer in backward instead of storing its activations."""
+        """Recompute each ResBlock (and SD's transformer layers) in backward instead of storing its activations."""
         for block in self.modules():
             if isinstance(block, Block):
                 block.gradient_checkpointing = enabled

@@ -55,11 +55,11 @@ def one(config_name, setting, device, steps, batch):
     frozen = torch.bfloat16 if s["mixed_precision"] == "bf16" else torch.float32
     cfg = SimpleNamespace(lr=1e-5, lr_warmup_steps=1, mixed_precision=s["mixed_precision"], seed=0, grad_accum=1,
                           max_grad_norm=1.0, checkpoint_every=10 ** 9, output_dir="/tmp", lora_rank=s["lora_rank"],
-                          optimizer_in_backward=s.get("in_backward", False))
+                          optimizer_in_backward=s.get("in_backward", False), gradient_checkpointing=s["checkpointing"])
     train.make_trainable(unet, cfg, lora.UNET_TARGETS, frozen)
     schedule = DiscreteSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
-    C, R = config["in_channels"], config["sample_size"]
-    text_dim = config.get("encoder_hid_dim") or config["cross_attention_dim"]
+    C, R = unet.cfg.in_channels, unet.cfg.sample_size  # the config with diffusers' defaults filled in
+    text_dim = unet.cfg.encoder_hid_dim or unet.cfg.cross_attention_dim
     x, x_pr = torch.randn(batch, C, R, R, device=device), torch.randn(batch, C, R, R, device=device)
     c, c_pr = torch.randn(batch, 77, text_dim, device=device), torch.randn(batch, 77, text_dim, device=device)
     loss_fn = lambda g: train.dreambooth_loss(unet, schedule, x, c, x_pr, c_pr, 1.0, g)  # noqa: E731

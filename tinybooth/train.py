@@ -25,6 +25,12 @@ With no arguments it personalises the embedded toy cascade (tinybooth/assets/toy
 subject (examples/toy_subject) offline on a CPU in about 3 minutes. With --model it trains public DeepFloyd IF
 (stage I; stage II with --sr-model) or Stable Diffusion 1.x (CLIP text, VAE latents) weights.
 
+Memory on a consumer GPU (benchmarks/README.md has the measured figures): --mixed-precision bf16 runs the maths in
+bf16 while the trained weights stay fp32; --gradient-checkpointing recomputes ResBlocks in backward; the text
+encoder runs once and is freed (its embeddings are cached); --lora-rank trains only low-rank adapters; and
+--optimizer-in-backward updates each weight as soon as backward has its gradient, so the full set of gradients
+never exists (a full fine-tune then needs 12 bytes per weight, fp32 weight + two AdamW moments, instead of 16).
+
 Reliability: checkpoints (trained weights, optimizer, LR schedule and every RNG state) are written atomically every
 --checkpoint-every steps and on Ctrl-C; --resume continues to bit-identical weights (with --deterministic); a
 NaN/inf loss stops the run with a message and leaves the last good checkpoint in place.
@@ -580,8 +586,12 @@ class Stage:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16")
         self.generator = torch.Generator(device).manual_seed(cfg.seed + (0 if name == "base" else 1))
         self.device, self.step, self.history = device, 0, history
+        # autocast keeps a bf16/fp16 copy of every weight it casts until the step's forward ends (2 bytes per
+        # weight: 1.6 GiB on SD-1.5); with checkpointing, where memory is what counts, each copy is made where
+        # it is used and freed with the activations instead
         self.autocast = dict(device_type=torch.device(device).type, enabled=cfg.mixed_precision != "no",
-                             dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16)
+                             dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16,
+                             cache_enabled=not cfg.gradient_checkpointing)
         self.ckpt_path = Path(cfg.output_dir) / "checkpoint.pt"
 
     # -- checkpoints

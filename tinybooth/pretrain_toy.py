@@ -29,6 +29,10 @@ The recipe, stage by stage:
 4. Super-resolution model: T5 frozen; the stage-II U-Net learns 64 x 64 pictures given their 32 x 32 version,
    upscaled (tinybooth.cascade.upsample) and noise-augmented at a random IF level in 0..999
    (tinybooth.cascade.noise_augment, the function SR sampling and fine-tuning use), level passed as noise_level.
+   Unlike IF's stage II it predicts v = alpha_t eps - sigma_t x (scheduler prediction_type "v_prediction"): the
+   eps-MSE is eq. (1)'s x-hat loss weighted by SNR(t), ~0 at the noisiest steps, where only the low-res input
+   tells the picture's colours, so an eps-model this small never learns to read it there (it drew sharp pictures
+   in the wrong colours); the v-MSE weights the same x-hat error by SNR(t) + 1 >= 1 (lessons/07, section 6).
 5. Quality bar, measured with the evaluator on >= 200 samples and written to results.json: with guidance, the base
    model draws the prompted shape, colour and background >= 90% of the time each, and the cascade's 64 x 64 output
    is sharper than bilinear upscaling of the base output (mean |Laplacian|, closer to real renders).
@@ -37,7 +41,7 @@ Weights are trained in fp32 under bf16 autocast (on CUDA), AdamW at a constant l
 the shipped weights are an exponential moving average (EMA) of the trained ones. Each stage stops after its step
 count or its time limit, whichever comes first; results.json records the steps actually run, so
 `--base-steps N --sr-steps M` with no time limits repeats a run, and `--resume` continues a stage from the weights
-already in --out (the shipped SR model is 886 + 1044 steps: see toy-IF-I/TRAINING.md).
+already in --out (the shipped SR model was continued twice: see toy-IF-I/TRAINING.md).
 """
 import argparse
 import copy
@@ -63,7 +67,7 @@ from tinybooth.cascade import IF_NOISE_LEVEL, guided_denoiser, noise_augment, up
 from tinybooth.data import resize_images
 from tinybooth.loss import diffusion_loss
 from tinybooth.samplers import sample
-from tinybooth.schedule import DiscreteSchedule
+from tinybooth.schedule import DiscreteSchedule, predict_x_and_eps
 from tinybooth.text import T5Encoder, T5Tokenizer
 from tinybooth.toy_evaluator import ATTRIBUTES, ToyEvaluator, read
 from tinybooth.unet import UNet
@@ -106,10 +110,16 @@ SCHEDULER_CONFIG = dict(  # IF's DDPMScheduler: cosine schedule, learned varianc
     beta_end=0.02, prediction_type="epsilon", variance_type="learned_range", clip_sample=True, clip_sample_range=1.0,
     thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5, timestep_spacing="leading",
     steps_offset=0, trained_betas=None)
-SR_SCHEDULER_CONFIG = dict(SCHEDULER_CONFIG, sample_max_value=1.0)
+# Stage II predicts v = alpha_t eps - sigma_t x, not eps (see train_sr: an eps-model never learns to read its
+# low-res input at the noisiest steps, where only that input tells it the picture's colours)
+SR_SCHEDULER_CONFIG = dict(SCHEDULER_CONFIG, sample_max_value=1.0, prediction_type="v_prediction")
 NOISING_SCHEDULER_CONFIG = dict(SCHEDULER_CONFIG, variance_type="fixed_small", thresholding=False,
                                 sample_max_value=1.0)
 SR_GUIDANCE, SAMPLE_STEPS = 4.0, 50  # stage-II sampling for the quality bar (IF's stage-II pipeline defaults)
+# stage-I samplings the quality bar tries: (guidance, sampler, steps, dynamic thresholding); the best one feeds stage II
+BASE_SAMPLINGS = ((1.0, "ddim", SAMPLE_STEPS, True), (3.0, "ddim", SAMPLE_STEPS, True), (5.0, "ddim", SAMPLE_STEPS, True),
+                  (2.0, "ancestral", 2 * SAMPLE_STEPS, True), (3.0, "ancestral", 2 * SAMPLE_STEPS, True),
+                  (5.0, "ancestral", 2 * SAMPLE_STEPS, True), (3.0, "ancestral", 2 * SAMPLE_STEPS, False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,25 +285,25 @@ def train_evaluator(args, device, log):
 def vlb_term(model_out, x, z_t, t, schedule):
     """L_vlb of Improved DDPM for the learned-range variance, per sample [B], in bits per dimension:
 
-        KL( q(z_{t-1} | z_t, x) || p(z_{t-1} | z_t) ),  p = N(mu(z_t, x_hat(eps_hat.detach())), Sigma_theta)
-        log Sigma_theta = frac log beta_t + (1 - frac) log beta~_t,  frac = (v + 1) / 2,  v = model_out[:, 3:]
+        KL( q(z_{t-1} | z_t, x) || p(z_{t-1} | z_t) ),  p = N(mu(z_t, x_hat.detach()), Sigma_theta)
+        log Sigma_theta = frac log beta_t + (1 - frac) log beta~_t,  frac = (r + 1) / 2,  r = model_out[:, 3:]
 
-    The mean is detached, so only the variance channels learn from it (the eps-MSE trains the mean). At t = 0 the
+    The mean is detached, so only the variance channels learn from it (the MSE of eq. (1) trains the mean). At t = 0 the
     true posterior variance beta~_0 = 0 is replaced by beta~_1 (the "clipped" log variance), for both sides.
     """
     C = x.shape[1]
-    eps_hat, v = model_out[:, :C].detach().float(), model_out[:, C:].float()
+    pred, r = model_out[:, :C].detach().float(), model_out[:, C:].float()  # prediction, variance channels
     ab = schedule.alphas_cumprod.to(x.device)
     ab_t = ab[t].view(-1, 1, 1, 1)
+    x_hat, _ = predict_x_and_eps(pred, z_t.float(), ab_t.sqrt(), (1 - ab_t).sqrt(), schedule.prediction_type)
     ab_prev = torch.where(t > 0, ab[(t - 1).clamp(min=0)], torch.ones_like(ab[t])).view(-1, 1, 1, 1)
     beta = 1 - ab_t / ab_prev
     var_small = beta * (1 - ab_prev) / (1 - ab_t)  # beta~_t, the true posterior variance
     var_1 = (1 - ab[1] / ab[0]) * (1 - ab[0]) / (1 - ab[1])
     log_var_small = torch.log(torch.where(t.view(-1, 1, 1, 1) > 0, var_small, var_1))
     coef_x, coef_z = ab_prev.sqrt() * beta / (1 - ab_t), (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t)
-    x_hat = (z_t.float() - (1 - ab_t).sqrt() * eps_hat) / ab_t.sqrt()
     mean_true, mean_model = coef_x * x.float() + coef_z * z_t.float(), coef_x * x_hat + coef_z * z_t.float()
-    frac = (v + 1) / 2
+    frac = (r + 1) / 2
     log_var_model = frac * torch.log(beta.clamp(min=1e-20)) + (1 - frac) * log_var_small
     kl = 0.5 * (-1 + log_var_model - log_var_small + torch.exp(log_var_small - log_var_model)
                 + (mean_true - mean_model) ** 2 * torch.exp(-log_var_model))
@@ -354,7 +364,8 @@ def on_device(schedule, device):
 
 
 def hybrid_loss(unet, x, c, gen, schedule, **cond):
-    """Eq. (1) as IF trains it: eps-MSE on the first 3 channels plus L_vlb on the variance channels."""
+    """Eq. (1) as IF trains it: the MSE of the prediction (eps for stage I, v for our stage II) on the first 3
+    channels plus L_vlb on the variance channels."""
     t = torch.randint(schedule.num_train_timesteps, (x.shape[0],), device=x.device, generator=gen)
     eps = torch.randn(x.shape, device=x.device, generator=gen)
     z_t = schedule.q_sample(x, t, eps)
@@ -408,7 +419,8 @@ def train_sr(args, data, captions, t5, device, log):
 
     (unet,), steps, seconds, loss = train_loop("sr", [unet], list(unet.parameters()), loss_fn, args.sr_steps,
                                                args.sr_time, args.lr, log, args.seed + 1, device)
-    return unet, dict(steps=steps, seconds=round(seconds, 1), final_loss=round(loss, 4))
+    return unet, dict(steps=steps, seconds=round(seconds, 1), final_loss=round(loss, 4),
+                      prediction_type=schedule.prediction_type)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -457,13 +469,12 @@ def measure(args, t5, tokenizer, base, sr, evaluator, device, log):
     real = toyworld.to_tensor([toyworld.render(s) for s in specs]).to(device)
     results["evaluator_on_renders"] = attribute_accuracy(evaluator, real, specs)
     n, best = SAMPLE_STEPS, None
-    for guidance, sampler, steps, thresholding in ((1.0, "ddim", n, True), (3.0, "ddim", n, True),
-                                                   (5.0, "ddim", n, True), (2.0, "ancestral", 2 * n, True),
-                                                   (3.0, "ancestral", 2 * n, True), (5.0, "ancestral", 2 * n, True),
-                                                   (3.0, "ancestral", 2 * n, False)):
+    for guidance, sampler, steps, thresholding in BASE_SAMPLINGS:
+        key = f"{sampler}{steps}_cfg{guidance:g}" + ("" if thresholding else "_nothreshold")
+        if args.base_samplings != "all" and key not in args.base_samplings.split(","):
+            continue  # not measured this time: results.json keeps the row measured before
         sched = on_device(DiscreteSchedule.from_config(dict(SCHEDULER_CONFIG, thresholding=thresholding)), device)
         x = generate(base, sched, c, c_uncond, guidance, gen(), steps=steps, sampler=sampler)
-        key = f"{sampler}{steps}_cfg{guidance:g}" + ("" if thresholding else "_nothreshold")
         acc = results["base"][key] = attribute_accuracy(evaluator, x, specs)
         log(f"base {key}: {acc}")
         score = min(acc["shape"], acc["colour"], acc["bg_colour"])  # the bar: each >= 0.9
@@ -565,6 +576,9 @@ def main(argv=None):
     p.add_argument("--sr-batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--num-samples", type=int, default=256, help="samples for the quality bar (>= 200)")
+    p.add_argument("--base-samplings", default="all",
+                   help="stage-I samplings the quality bar measures, e.g. ancestral100_cfg5 (the others keep the "
+                        "figures results.json already holds; the best measured one feeds stage II)")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--log", default=None, help="also append the log to this file")
     p.add_argument("--resume", action="store_true",
@@ -627,7 +641,9 @@ def main(argv=None):
         quality = measure(args, t5, tokenizer, base, sr, evaluator, device, log)
         for name, images in quality.pop("grids", {}).items():
             save_grid(images, out / "toy-IF-I" / f"samples_{name}.png")
-        results["quality"] = dict(quality, machine=machine)
+        kept = results.get("quality", {}).get("base", {}) if args.base_samplings != "all" else {}
+        measured = {k: dict(v, machine=machine) for k, v in quality.pop("base").items()}
+        results["quality"] = dict(results.get("quality", {}), **quality, base={**kept, **measured}, machine=machine)
     results.setdefault("wall_time_s", {})[args.stages] = round(time.time() - t_start, 1)
     results_file.parent.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(results, indent=2) + "\n")

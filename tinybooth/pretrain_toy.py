@@ -641,9 +641,9 @@ def main(argv=None):
         quality = measure(args, t5, tokenizer, base, sr, evaluator, device, log)
         for name, images in quality.pop("grids", {}).items():
             save_grid(images, out / "toy-IF-I" / f"samples_{name}.png")
-        kept = results.get("quality", {}).get("base", {}) if args.base_samplings != "all" else {}
+        previous = results.get("quality", {}) if args.base_samplings != "all" else {}  # rows not measured now
         measured = {k: dict(v, machine=machine) for k, v in quality.pop("base").items()}
-        results["quality"] = dict(results.get("quality", {}), **quality, base={**kept, **measured}, machine=machine)
+        results["quality"] = dict(previous, **quality, base={**previous.get("base", {}), **measured}, machine=machine)
     results.setdefault("wall_time_s", {})[args.stages] = round(time.time() - t_start, 1)
     results_file.parent.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(results, indent=2) + "\n")

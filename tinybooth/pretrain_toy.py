@@ -41,7 +41,8 @@ Weights are trained in fp32 under bf16 autocast (on CUDA), AdamW at a constant l
 the shipped weights are an exponential moving average (EMA) of the trained ones. Each stage stops after its step
 count or its time limit, whichever comes first; results.json records the steps actually run, so
 `--base-steps N --sr-steps M` with no time limits repeats a run, and `--resume` continues a stage from the weights
-already in --out (the shipped SR model was continued twice: see toy-IF-I/TRAINING.md).
+already in --out (the shipped base model was continued once and the SR model three times: see
+toy-IF-I/TRAINING.md).
 """
 import argparse
 import copy
@@ -119,7 +120,8 @@ SR_GUIDANCE, SAMPLE_STEPS = 4.0, 50  # stage-II sampling for the quality bar (IF
 # stage-I samplings the quality bar tries: (guidance, sampler, steps, dynamic thresholding); the best one feeds stage II
 BASE_SAMPLINGS = ((1.0, "ddim", SAMPLE_STEPS, True), (3.0, "ddim", SAMPLE_STEPS, True), (5.0, "ddim", SAMPLE_STEPS, True),
                   (2.0, "ancestral", 2 * SAMPLE_STEPS, True), (3.0, "ancestral", 2 * SAMPLE_STEPS, True),
-                  (5.0, "ancestral", 2 * SAMPLE_STEPS, True), (3.0, "ancestral", 2 * SAMPLE_STEPS, False))
+                  (5.0, "ancestral", 2 * SAMPLE_STEPS, True), (7.0, "ancestral", 2 * SAMPLE_STEPS, True),
+                  (3.0, "ancestral", 2 * SAMPLE_STEPS, False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -566,7 +568,7 @@ def main(argv=None):
     p.add_argument("--num-images", type=int, default=150_000, help="rendered training pictures")
     p.add_argument("--evaluator-images", type=int, default=60_000)
     p.add_argument("--evaluator-steps", type=int, default=1500)
-    # the shipped run stopped on its time limits (--base-time 285 --sr-time 125 on an H100) after these steps
+    # the first shipped run stopped on its time limits (--base-time 285 --sr-time 125 on an H100) after these steps
     p.add_argument("--base-steps", type=int, default=2266)
     p.add_argument("--sr-steps", type=int, default=886)
     p.add_argument("--base-time", type=float, default=math.inf, help="time limit of the base stage, seconds")

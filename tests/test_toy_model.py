@@ -90,17 +90,21 @@ def test_evaluator_reads_renders_and_recognises_the_subject(evaluator):
 
 
 def test_short_sample_is_read_as_prompted(stage_one, evaluator):
-    """A few ancestral steps with guidance from the shipped stage I, read back by the evaluator."""
+    """A few ancestral steps with guidance from the shipped stage I, read back by the evaluator: shape, colour and
+    background colour. The last prompt is a case the model once got wrong by swapping the two colours."""
     tokenizer, t5, unet, schedule = stage_one
     prompts = ["a big red circle on a blue background", "a big yellow star on a black background",
-               "a big white heart on a green background", "a big blue square on a yellow background"]
+               "a big white heart on a green background", "a big blue square on a yellow background",
+               "a big green cross on a white background"]
+    asked = [dict(zip(("shape", "colour", "bg_colour"), (p.split()[3], p.split()[2], p.split()[6]))) for p in prompts]
     c, c_uncond = encode(t5, tokenizer, prompts, "cpu"), encode(t5, tokenizer, [""], "cpu")
     x = generate(unet, schedule, c, c_uncond, 5.0, torch.Generator().manual_seed(0), steps=20, sampler="ancestral")
     readings = read(evaluator, x)
-    shapes = [r["shape"] for r in readings]
-    assert sum(s == p.split()[3] for s, p in zip(shapes, prompts)) >= 3, f"asked {prompts}, the evaluator read {shapes}"
+    for a in ("shape", "colour", "bg_colour"):
+        read_as = [r[a] for r in readings]
+        assert sum(r == q[a] for r, q in zip(read_as, asked)) >= 4, f"{a}: asked {prompts}, the evaluator read {read_as}"
     fidelity = prompt_fidelity(evaluator, x, prompts)
-    assert fidelity.mean() >= 0.6, f"prompt fidelity {fidelity.tolist()} (readings {readings})"
+    assert fidelity.mean() >= 0.8, f"prompt fidelity {fidelity.tolist()} (readings {readings})"
 
 
 def test_super_resolution_model_takes_the_noise_level():
@@ -138,7 +142,7 @@ def test_recorded_quality():
     q = results["quality"]
     assert q["num_samples"] >= 200
     best = q["base"][q["recommended_base_sampling"]["key"]]
-    assert best["shape"] >= 0.9 and best["colour"] >= 0.9, f"recorded base accuracy {best}"
+    assert min(best["shape"], best["colour"], best["bg_colour"]) >= 0.9, f"issue 6's bar: recorded base accuracy {best}"
     sharp = q["sr"]["sharpness_mean_abs_laplacian"]
     assert sharp["cascade"] > sharp["bilinear_of_base"], f"the cascade should be sharper than bilinear: {sharp}"
 

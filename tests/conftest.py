@@ -62,3 +62,18 @@ def _deterministic_torch():
 @pytest.fixture
 def fixtures_dir():
     return FIXTURES
+
+
+# the two tokenizers that tests/test_tokenizers.py checks against transformers and tests/test_rare_tokens.py searches
+@pytest.fixture(scope="session")
+def t5():
+    """The fixture T5 SentencePiece tokenizer (11000 pieces + 100 <extra_id_k>), tests/fixtures/text/spm."""
+    from tinybooth.text import T5Tokenizer
+    return T5Tokenizer.from_pretrained(FIXTURES / "text" / "spm")
+
+
+@pytest.fixture(scope="session")
+def clip():
+    """CLIP's BPE tokenizer with the real vocabulary the package ships (tinybooth/assets/clip)."""
+    from tinybooth.text import CLIPTokenizer
+    return CLIPTokenizer.from_pretrained(ROOT / "tinybooth" / "assets" / "clip")

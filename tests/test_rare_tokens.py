@@ -6,20 +6,8 @@ import pytest
 
 from tinybooth import rare_tokens
 from tinybooth.rare_tokens import count_tokens, find_rare_identifier, is_identifier_text, rare_token_candidates
-from tinybooth.text import CLIPTokenizer, T5Tokenizer
 
 TEXT = Path(__file__).parent / "fixtures" / "text"
-CLIP_ASSETS = Path(__file__).parent.parent / "tinybooth" / "assets" / "clip"
-
-
-@pytest.fixture(scope="module")
-def t5():
-    return T5Tokenizer.from_pretrained(TEXT / "spm")
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return CLIPTokenizer.from_pretrained(CLIP_ASSETS)
 
 
 def test_identifier_text_filter():

@@ -17,16 +17,6 @@ def ref():
     return json.loads((TEXT / "tokenizers.json").read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module")
-def t5():
-    return T5Tokenizer.from_pretrained(TEXT / "spm")
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return CLIPTokenizer.from_pretrained(CLIP_ASSETS)
-
-
 def assert_same_ids(got, want, strings, name):
     got, want = torch.as_tensor(got), torch.as_tensor(want)
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, transformers gives {tuple(want.shape)}"

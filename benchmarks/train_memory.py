@@ -94,7 +94,7 @@ def main():
         return
     print(f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, torch "
           f"{torch.__version__}")
-    print(f"{'config':8s} {'setting':10s} {'batch':>6s} {'s/step':>8s} {'peak GB':>8s} {'trained M':>10s}")
+    print(f"{'config':8s} {'setting':10s} {'batch':>6s} {'s/step':>8s} {'peak GiB':>8s} {'trained M':>10s}")
     for config in args.config:
         for setting in args.setting:
             proc = subprocess.run([sys.executable, __file__, "--child", config, setting, "--device", args.device,

@@ -11,6 +11,26 @@ Each row is one `tinybooth.train` run with the toy defaults and one thing change
     SR noise augmentation 1e-3  the SR model fine-tuned (and sampled) at Imagen's usual 1e-3 instead of 1e-5
 
 Lesson 08 shows the table this writes (a full set of runs takes ~10-15 minutes on 2 CPU cores, too long for CI).
+
+How the toy defaults were chosen (tinybooth.train.BACKBONE_DEFAULTS["toy"]): after the toy base model was trained
+longer (toy-IF-I/TRAINING.md) the old default, 200 steps at lr 7e-4 with the T5 frozen, no longer learned the
+subject. One run per row, SR off, 6 samples per prompt (so +-0.1 is noise); the same 32 class images within each
+of the two groups:
+
+    steps  lr      text encoder   P(subject)   prompt fidelity   P(subject | "a star")   DIV of "a star"
+    200    7e-4    frozen         0.17         0.70              0.00                    0.14   every star blue on yellow
+    200    3e-4    frozen         0.21         0.86              0.29                    0.19
+    200    1.5e-4  frozen         0.07         1.00              0.00                    0.19   the subject not learned
+    400    3e-4    frozen         0.04         0.76              0.00                    0.08   every star red on green
+    200    7e-4    fine-tuned     0.28         0.63              0.00                    0.12
+    200    3e-4    fine-tuned     0.38         1.00              0.33                    0.28
+    --- other class images:
+    200    3e-4    fine-tuned     0.17         0.97              0.17                    0.22
+    300    5e-4    fine-tuned     0.45         0.87              0.00                    0.28
+    400    3e-4    fine-tuned     0.64         0.90              0.00                    0.23   the default
+
+The frozen tiny T5 encodes "a lux star" almost as "a star" (pooled cosine 0.93), so the U-Net alone has to pull
+the subject and the class apart; fine-tuning the encoder lets the identifier move instead.
 """
 import argparse
 import json

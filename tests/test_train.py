@@ -424,6 +424,15 @@ def test_no_arguments_means_the_toy_cascade_and_subject():
     assert cfg.class_noun == json.loads((TOY / "toy_subject.json").read_text())["class_noun"]
     assert cfg.prior_preservation and cfg.prior_loss_weight == 1.0 and cfg.sr_noise_level == 1e-5, \
         "the default is the paper's recipe: prior preservation with lambda = 1, SR noise augmentation 1e-5"
+    assert cfg.train_text_encoder, "the toy T5 is fine-tuned by default (lessons/08_ablations.py says why)"
+    assert not train.settings_from_args(["--no-train-text-encoder"]).train_text_encoder
+
+
+def test_public_backbones_keep_the_text_encoder_frozen_unless_asked(tiny_if, tiny_sd, photos, tmp_path):
+    for model in (tiny_if[0], tiny_sd):
+        args = ["--model", str(model), "--instance-dir", str(photos), "--class-noun", "dog"]
+        assert not train.settings_from_args(args).train_text_encoder, f"{model.name}: T5-XXL / CLIP stay frozen"
+        assert train.settings_from_args([*args, "--train-text-encoder"]).train_text_encoder
 
 
 @pytest.mark.slow

@@ -428,7 +428,7 @@ def test_no_arguments_means_the_toy_cascade_and_subject():
     assert not train.settings_from_args(["--no-train-text-encoder"]).train_text_encoder
 
 
-def test_public_backbones_keep_the_text_encoder_frozen_unless_asked(tiny_if, tiny_sd, photos, tmp_path):
+def test_public_backbones_keep_the_text_encoder_frozen_unless_asked(tiny_if, tiny_sd, photos):
     for model in (tiny_if[0], tiny_sd):
         args = ["--model", str(model), "--instance-dir", str(photos), "--class-noun", "dog"]
         assert not train.settings_from_args(args).train_text_encoder, f"{model.name}: T5-XXL / CLIP stay frozen"

@@ -111,14 +111,15 @@ SCHEDULER_CONFIG = dict(  # IF's DDPMScheduler: cosine schedule, learned varianc
     beta_end=0.02, prediction_type="epsilon", variance_type="learned_range", clip_sample=True, clip_sample_range=1.0,
     thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5, timestep_spacing="leading",
     steps_offset=0, trained_betas=None)
-# Stage II predicts v = alpha_t eps - sigma_t x, not eps (see train_sr: an eps-model never learns to read its
+# Stage II predicts v = alpha_t eps - sigma_t x, not eps (recipe step 4 above: an eps-model never learns to read its
 # low-res input at the noisiest steps, where only that input tells it the picture's colours)
 SR_SCHEDULER_CONFIG = dict(SCHEDULER_CONFIG, sample_max_value=1.0, prediction_type="v_prediction")
 NOISING_SCHEDULER_CONFIG = dict(SCHEDULER_CONFIG, variance_type="fixed_small", thresholding=False,
                                 sample_max_value=1.0)
 SR_GUIDANCE, SAMPLE_STEPS = 4.0, 50  # stage-II sampling for the quality bar (IF's stage-II pipeline defaults)
-# stage-I samplings the quality bar tries: (guidance, sampler, steps, dynamic thresholding); the best one feeds stage II
-BASE_SAMPLINGS = ((1.0, "ddim", SAMPLE_STEPS, True), (3.0, "ddim", SAMPLE_STEPS, True), (5.0, "ddim", SAMPLE_STEPS, True),
+# stage-I samplings the quality bar tries: (guidance, sampler, steps, dynamic thresholding); the best feeds stage II
+BASE_SAMPLINGS = ((1.0, "ddim", SAMPLE_STEPS, True), (3.0, "ddim", SAMPLE_STEPS, True),
+                  (5.0, "ddim", SAMPLE_STEPS, True),
                   (2.0, "ancestral", 2 * SAMPLE_STEPS, True), (3.0, "ancestral", 2 * SAMPLE_STEPS, True),
                   (5.0, "ancestral", 2 * SAMPLE_STEPS, True), (7.0, "ancestral", 2 * SAMPLE_STEPS, True),
                   (3.0, "ancestral", 2 * SAMPLE_STEPS, False))
@@ -470,7 +471,7 @@ def measure(args, t5, tokenizer, base, sr, evaluator, device, log):
     results, gen = {"num_samples": len(specs), "base": {}}, lambda: torch.Generator(device).manual_seed(args.seed)
     real = toyworld.to_tensor([toyworld.render(s) for s in specs]).to(device)
     results["evaluator_on_renders"] = attribute_accuracy(evaluator, real, specs)
-    n, best = SAMPLE_STEPS, None
+    best = None
     for guidance, sampler, steps, thresholding in BASE_SAMPLINGS:
         key = f"{sampler}{steps}_cfg{guidance:g}" + ("" if thresholding else "_nothreshold")
         if args.base_samplings != "all" and key not in args.base_samplings.split(","):

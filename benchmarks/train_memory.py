@@ -23,13 +23,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tinybooth import lora, train  # noqa: E402
+from tinybooth import dreambooth, experiment, lora  # noqa: E402
 from tinybooth.schedule import DiscreteSchedule  # noqa: E402
+from tinybooth.training import LoopSettings, Trainer  # noqa: E402
 from tinybooth.unet import PUBLIC_CONFIGS, UNet  # noqa: E402
 
 MID_CONFIGS = {  # the IF-I and SD layouts at a fraction of the width, for CPU runs
@@ -53,23 +53,22 @@ def one(config_name, setting, device, steps, batch):
     if s["checkpointing"]:
         unet.enable_gradient_checkpointing()
     frozen = torch.bfloat16 if s["mixed_precision"] == "bf16" else torch.float32
-    cfg = SimpleNamespace(lr=1e-5, lr_warmup_steps=1, mixed_precision=s["mixed_precision"], seed=0, grad_accum=1,
-                          max_grad_norm=1.0, checkpoint_every=10 ** 9, output_dir="/tmp", lora_rank=s["lora_rank"],
-                          optimizer_in_backward=s.get("in_backward", False), gradient_checkpointing=s["checkpointing"])
-    train.make_trainable(unet, cfg, lora.UNET_TARGETS, frozen)
+    loop = LoopSettings(max_steps=steps + 1, lr=1e-5, warmup_steps=1, mixed_precision=s["mixed_precision"],
+                        optimizer_in_backward=s.get("in_backward", False), gradient_checkpointing=s["checkpointing"])
+    experiment.make_trainable(unet, s["lora_rank"], lora.UNET_TARGETS, frozen)
     schedule = DiscreteSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
     C, R = unet.cfg.in_channels, unet.cfg.sample_size  # the config with diffusers' defaults filled in
     text_dim = unet.cfg.encoder_hid_dim or unet.cfg.cross_attention_dim
     x, x_pr = torch.randn(batch, C, R, R, device=device), torch.randn(batch, C, R, R, device=device)
     c, c_pr = torch.randn(batch, 77, text_dim, device=device), torch.randn(batch, 77, text_dim, device=device)
-    loss_fn = lambda g: train.dreambooth_loss(unet, schedule, x, c, x_pr, c_pr, 1.0, g)  # noqa: E731
-    stage = train.Stage("bench", {"unet": unet}, loss_fn, cfg, steps + 1, cfg.lr, device, [])
-    stage.train_step()  # warm-up (allocator, kernels)
+    loss_fn = lambda g: dreambooth.dreambooth_loss(unet, schedule, x, c, x_pr, c_pr, 1.0, g)  # noqa: E731
+    stage = Trainer("bench", {"unet": unet}, loss_fn, loop, seed=0, device=device)
+    stage.train_step(None)  # warm-up (allocator, kernels)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.time()
     for _ in range(steps):
-        stage.train_step()
+        stage.train_step(None)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2 ** 30

@@ -225,8 +225,8 @@ def test_cached_embedding_equals_a_direct_t5_run(tiny_if_dir, tmp_path):
 
 
 def test_if_generate_end_to_end_shapes_and_seed(tiny_if_dir, tmp_path):
-    from tinybooth import sample
-    run = lambda: sample.generate(tiny_if_dir, ["a red star"], NOISING / "if2", num_images=2, seed=3,  # noqa: E731
+    from tinybooth.generate import text_to_image
+    run = lambda: text_to_image(tiny_if_dir, ["a red star"], NOISING / "if2", num_images=2, seed=3,  # noqa: E731
                                   steps=1, sr_steps=1, cache_dir=tmp_path, progress=False)
     a, b = run(), run()
     assert a["stage1"].shape == (2, 3, 8, 8) and a["images"].shape == (2, 3, 16, 16), \
@@ -266,9 +266,9 @@ def test_sd_prompts_are_encoded_without_the_padding_mask(tiny_sd_dir, tmp_path):
 
 
 def test_sd_generate_end_to_end(tiny_sd_dir):
-    from tinybooth import sample
+    from tinybooth.generate import text_to_image
     cache = tiny_sd_dir / "cache"   # shared with nothing else; the second run hits it
-    out = sample.generate(tiny_sd_dir, ["a dog"], num_images=2, steps=1, cache_dir=cache, progress=False)
-    again = sample.generate(tiny_sd_dir, ["a dog"], num_images=2, steps=1, cache_dir=cache, progress=False)
+    out = text_to_image(tiny_sd_dir, ["a dog"], num_images=2, steps=1, cache_dir=cache, progress=False)
+    again = text_to_image(tiny_sd_dir, ["a dog"], num_images=2, steps=1, cache_dir=cache, progress=False)
     assert out["images"].shape == (2, 3, 8, 8), "4x4 latents decoded by a x2 VAE"
     assert torch.equal(out["images"], again["images"]) and out["settings"]["sampler"] == "ddim"

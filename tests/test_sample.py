@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tinybooth import cascade, sample
+from tinybooth import cascade, models, plots, sample
+from tinybooth.generate import text_to_image
 
 from conftest import FIXTURES
 
@@ -38,16 +39,16 @@ def read_png(path):
 
 @pytest.mark.parametrize("name,family", [("if1", "if"), ("if2", "sr"), ("sd", "sd")])
 def test_detect_family_from_model_index_and_from_folders(name, family, tmp_path):
-    assert sample.detect_family(PIPES / name) == family
+    assert models.detect_family(PIPES / name) == family
     bare = tmp_path / name
     shutil.copytree(PIPES / name, bare, ignore=shutil.ignore_patterns("model_index.json"))
-    assert sample.detect_family(bare) == family, "without model_index.json the subfolders decide"
+    assert models.detect_family(bare) == family, "without model_index.json the subfolders decide"
 
 
 @pytest.mark.parametrize("text,level", [("250", 250), ("0", 0)] + [
     pytest.param(t, k, marks=pytest.mark.task7_2) for t, k in (("0.25", 250), ("1e-3", 1), ("1e-5", 0))])
 def test_parse_noise_level_accepts_steps_and_continuous_levels(text, level):
-    assert sample.parse_noise_level(text) == level
+    assert cascade.parse_noise_level(text) == level
 
 
 def test_if_cascade_cli_writes_grid_with_settings_and_is_seeded(fake_text, tmp_path):
@@ -82,24 +83,24 @@ def test_sd_cli(fake_text, tmp_path):
 
 def test_missing_weights_name_the_download_command(tmp_path, capsys):
     missing = tmp_path / "IF-I-M-v1.0"
-    assert sample.main(["--model", str(missing), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 1
+    assert sample.main(["--model", str(missing), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert "python weights_download.py IF-I-M-v1.0 --dir" in err, err
     incomplete = tmp_path / "IF-I-M-v1.0"
     shutil.copytree(PIPES / "if1", incomplete, ignore=shutil.ignore_patterns("config.json"))
-    assert sample.main(["--model", str(incomplete), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 1
+    assert sample.main(["--model", str(incomplete), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert "unet/config.json missing" in err and "weights_download.py IF-I-M-v1.0" in err, err
 
 
 def test_stage2_model_as_model_is_refused(tmp_path, capsys):
-    assert sample.main(["--model", str(PIPES / "if2"), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 1
+    assert sample.main(["--model", str(PIPES / "if2"), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 2
     assert "--sr-model" in capsys.readouterr().err
 
 
 def test_grid_layout_and_metadata(tmp_path):
     images = torch.stack([torch.full((3, 4, 4), v) for v in (-1.0, 0.0, 1.0, 0.5)])
-    path = sample.save_grid(images, 2, tmp_path / "g.png", {"seeds": [1, 2]})
+    path = plots.save_grid(images, 2, tmp_path / "g.png", settings={"seeds": [1, 2]})
     pixels, meta = read_png(path)
     assert pixels.shape == (10, 10, 3) and meta == {"seeds": [1, 2]}
     assert pixels[0, 0, 0] == 0 and pixels[0, 6, 0] == 128 and pixels[6, 0, 0] == 255 and pixels[4, 4, 0] == 255
@@ -112,7 +113,7 @@ def test_fp16_only_download_is_found(fake_text, tmp_path):
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
     weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
     assert cascade.stored_variant(model / "unet", "diffusion_pytorch_model") == "fp16"
-    out = sample.generate(model, ["a dog"], steps=1, progress=False)
+    out = text_to_image(model, ["a dog"], steps=1, progress=False)
     assert out["images"].shape == (1, 3, 8, 8)
 
 

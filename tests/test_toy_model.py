@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from tinybooth import toyworld
+from tinybooth.toy import world
 from tinybooth.cascade import upsample
 from tinybooth.data import load_instance_images, resize_images
-from tinybooth.pretrain_toy import encode, generate, laplacian_energy
+from tinybooth.generate import generate, super_resolve
+from tinybooth.toy.quality import encode, laplacian_energy, toy_pipeline
 from tinybooth.schedule import DiscreteSchedule
 from tinybooth.text import T5Encoder, T5Tokenizer
-from tinybooth.toy_evaluator import (ToyEvaluator, feature_distance, prompt_fidelity, read, subject_fidelity,
+from tinybooth.toy.evaluator import (ToyEvaluator, feature_distance, prompt_fidelity, read, subject_fidelity,
                                       subject_probability)
 from tinybooth.unet import UNet
 
@@ -53,7 +54,7 @@ def test_default_is_in_the_public_if_layout(stage_one):
     assert noising.num_train_timesteps == 1000
     DiscreteSchedule.from_pretrained(SR / "scheduler")
     subject = json.loads((ASSETS / "toy_subject.json").read_text())
-    assert index["_tinybooth"]["class_noun"] == subject["class_noun"] == toyworld.SUBJECT_CLASS
+    assert index["_tinybooth"]["class_noun"] == subject["class_noun"] == world.SUBJECT_CLASS
 
 
 def test_default_fits_in_30_mb():
@@ -75,7 +76,7 @@ def test_tokenizer_follows_t5_conventions(stage_one):
 
 
 def test_evaluator_reads_renders_and_recognises_the_subject(evaluator):
-    x, _, specs = toyworld.batch(24, seed=9)
+    x, _, specs = world.batch(24, seed=9)
     readings = read(evaluator, x)
     for attr in ("shape", "colour", "size", "texture", "bg_colour"):
         right = sum(r[attr] == getattr(s, attr) for r, s in zip(readings, specs))
@@ -85,7 +86,7 @@ def test_evaluator_reads_renders_and_recognises_the_subject(evaluator):
     assert (p > 0.9).all(), f"P(subject) on the shipped subject photos: {p.tolist()}"
     assert all(r["shape"] == "star" for r in read(evaluator, photos))
     rng = np.random.default_rng(0)
-    stars = toyworld.to_tensor([toyworld.render(toyworld.random_spec(rng, shape="star")) for _ in range(8)])
+    stars = world.to_tensor([world.render(world.random_spec(rng, shape="star")) for _ in range(8)])
     assert (subject_probability(evaluator, stars) < 0.5).all(), "ordinary stars must not read as the subject"
 
 
@@ -98,7 +99,7 @@ def test_short_sample_is_read_as_prompted(stage_one, evaluator):
                "a big green cross on a white background"]
     asked = [dict(zip(("shape", "colour", "bg_colour"), (p.split()[3], p.split()[2], p.split()[6]))) for p in prompts]
     c, c_uncond = encode(t5, tokenizer, prompts, "cpu"), encode(t5, tokenizer, [""], "cpu")
-    x = generate(unet, schedule, c, c_uncond, 5.0, torch.Generator().manual_seed(0), steps=20, sampler="ancestral")
+    x = generate(toy_pipeline(unet), c, c_uncond, 20, 5.0, "ancestral", generator=torch.Generator().manual_seed(0))
     readings = read(evaluator, x)
     for a in ("shape", "colour", "bg_colour"):
         read_as = [r[a] for r in readings]
@@ -122,12 +123,11 @@ def test_super_resolution_keeps_the_low_res_picture_and_sharpens_it(stage_one, e
     background as the evaluator reads them; PSNR to the true 64 px render) and sharper than bilinear upscaling."""
     tokenizer, t5, _, _ = stage_one
     sr = UNet.from_pretrained(SR / "unet")
-    x_true, captions, specs = toyworld.batch(6, seed=11)  # [6, 3, 64, 64]
+    x_true, captions, specs = world.batch(6, seed=11)  # [6, 3, 64, 64]
     low = resize_images(x_true, 32)
     c, c_uncond = encode(t5, tokenizer, captions, "cpu"), encode(t5, tokenizer, [""], "cpu")
-    x = generate(sr, DiscreteSchedule.from_pretrained(SR / "scheduler"), c, c_uncond, 4.0,
-                 torch.Generator().manual_seed(0), steps=25, sampler="ancestral", low_res=low,
-                 noising=DiscreteSchedule.from_pretrained(SR / "image_noising_scheduler"), level=250)
+    x = super_resolve(toy_pipeline(None, sr), low, c, c_uncond.expand_as(c), 250, 25, 4.0,
+                      generator=torch.Generator().manual_seed(0))
     psnr = 10 * torch.log10(4 / (x - x_true).square().mean()).item()
     assert psnr >= SR_MIN_PSNR, f"stage II drifted from its input: PSNR {psnr:.1f} dB to the true render"
     readings = read(evaluator, x)
@@ -150,10 +150,10 @@ def test_recorded_quality():
 
 
 def test_toy_metrics_on_known_cases(evaluator):
-    x, _, specs = toyworld.batch(8, seed=21)
-    full = [toyworld.caption(s) for s in specs]
+    x, _, specs = world.batch(8, seed=21)
+    full = [world.caption(s) for s in specs]
     assert prompt_fidelity(evaluator, x, full).min() == 1.0, "renders of their own full captions score 1"
-    wrong = [toyworld.caption(toyworld.with_attributes(s, shape="cross" if s.shape != "cross" else "moon"))
+    wrong = [world.caption(world.with_attributes(s, shape="cross" if s.shape != "cross" else "moon"))
              for s in specs]
     f = prompt_fidelity(evaluator, x, wrong)
     expected = torch.tensor([3 / 4 if s.texture == "plain" else 4 / 5 for s in specs])  # "plain" is not written
@@ -162,8 +162,8 @@ def test_toy_metrics_on_known_cases(evaluator):
     assert prompt_fidelity(evaluator, x[:1], "a sks thing")[0] == 1.0, "a prompt naming no attribute scores 1"
     photos = load_instance_images(ROOT / "examples" / "toy_subject", 64)
     real = subject_fidelity(evaluator, photos, photos)
-    world = subject_fidelity(evaluator, x, photos)
-    assert real > world + 0.1, f"subject fidelity: photos vs photos {real:.3f} should exceed world vs photos {world:.3f}"
+    others = subject_fidelity(evaluator, x, photos)
+    assert real > others + 0.1, f"subject fidelity: photos vs photos {real:.3f} should exceed world vs photos {others:.3f}"
     d = feature_distance(evaluator, x, x)
     assert torch.allclose(d, torch.zeros(8), atol=1e-5), "an image is at distance 0 from itself"
 

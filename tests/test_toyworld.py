@@ -1,4 +1,4 @@
-"""The toy world (tinybooth/toyworld.py): deterministic pictures and captions, and the shipped subject photos."""
+"""The toy world (tinybooth/world.py): deterministic pictures and captions, and the shipped subject photos."""
 import json
 from pathlib import Path
 
@@ -7,23 +7,23 @@ import pytest
 import torch
 from PIL import Image
 
-from tinybooth import toyworld
+from tinybooth.toy import world
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBJECT_DIR = ROOT / "examples" / "toy_subject"
 
 
 def test_same_seed_gives_same_pictures_and_captions():
-    x1, c1, s1 = toyworld.batch(6, seed=3)
-    x2, c2, s2 = toyworld.batch(6, seed=3)
-    assert torch.equal(x1, x2), "toyworld.batch(6, seed=3) drew different pictures twice: a seed must fix them"
+    x1, c1, s1 = world.batch(6, seed=3)
+    x2, c2, s2 = world.batch(6, seed=3)
+    assert torch.equal(x1, x2), "world.batch(6, seed=3) drew different pictures twice: a seed must fix them"
     assert c1 == c2 and s1 == s2, f"captions differ between two runs with seed 3: {c1} vs {c2}"
-    x3, c3, _ = toyworld.batch(6, seed=4)
+    x3, c3, _ = world.batch(6, seed=4)
     assert not torch.equal(x1, x3), "seeds 3 and 4 drew the same pictures: the seed is not used"
 
 
 def test_batch_shapes_and_range():
-    x, captions, specs = toyworld.batch(4, seed=0)
+    x, captions, specs = world.batch(4, seed=0)
     assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1, f"pictures must lie in [-1, 1], got [{x.min()}, {x.max()}]"
     assert len(captions) == len(specs) == 4
@@ -32,9 +32,9 @@ def test_batch_shapes_and_range():
 def test_full_caption_round_trips_through_the_parser():
     rng = np.random.default_rng(0)
     for _ in range(50):
-        spec = toyworld.random_spec(rng)
-        text = toyworld.caption(spec)
-        asked = toyworld.parse_caption(text)
+        spec = world.random_spec(rng)
+        text = world.caption(spec)
+        asked = world.parse_caption(text)
         expected = dict(shape=spec.shape, colour=spec.colour, size=spec.size, bg_colour=spec.bg_colour)
         if spec.texture != "plain":  # "plain" is never written: "a red star on a blue background"
             expected["texture"] = spec.texture
@@ -42,21 +42,21 @@ def test_full_caption_round_trips_through_the_parser():
 
 
 def test_caption_examples():
-    spec = toyworld.Spec("star", "red", "small", "striped", "blue")
-    assert toyworld.caption(spec) == "a small red star on a striped blue background"
-    orange = toyworld.Spec("heart", "orange", "big", "plain", "green")
-    assert toyworld.caption(orange) == "a big orange heart on a green background"
+    spec = world.Spec("star", "red", "small", "striped", "blue")
+    assert world.caption(spec) == "a small red star on a striped blue background"
+    orange = world.Spec("heart", "orange", "big", "plain", "green")
+    assert world.caption(orange) == "a big orange heart on a green background"
     rng = np.random.default_rng(0)
-    assert "an orange heart on a green background" in {toyworld.caption(orange, rng) for _ in range(100)}
-    assert toyworld.caption(spec, identifier="sks") == "a small red sks star on a striped blue background"
-    assert toyworld.parse_caption("a sks star on a green background") == {"shape": "star", "bg_colour": "green"}
-    assert toyworld.parse_caption("a big blue circle") == {"size": "big", "colour": "blue", "shape": "circle"}
+    assert "an orange heart on a green background" in {world.caption(orange, rng) for _ in range(100)}
+    assert world.caption(spec, identifier="sks") == "a small red sks star on a striped blue background"
+    assert world.parse_caption("a sks star on a green background") == {"shape": "star", "bg_colour": "green"}
+    assert world.parse_caption("a big blue circle") == {"size": "big", "colour": "blue", "shape": "circle"}
 
 
 def test_dropped_attributes_keep_the_class_noun():
     rng = np.random.default_rng(1)
-    spec = toyworld.Spec("moon", "white", "big", "dotted", "black")
-    texts = {toyworld.caption(spec, rng) for _ in range(2000)}
+    spec = world.Spec("moon", "white", "big", "dotted", "black")
+    texts = {world.caption(spec, rng) for _ in range(2000)}
     assert all("moon" in t for t in texts), "every caption must name the shape (the class noun)"
     assert "a moon" in texts, "with attributes dropped at random, the bare class prompt 'a moon' must occur"
 
@@ -64,43 +64,43 @@ def test_dropped_attributes_keep_the_class_noun():
 def test_background_never_takes_the_shape_colour():
     rng = np.random.default_rng(2)
     for _ in range(300):
-        s = toyworld.random_spec(rng)
+        s = world.random_spec(rng)
         assert s.colour != s.bg_colour, f"{s}: a shape on its own colour would be invisible"
 
 
 def test_fixed_attributes_are_kept_and_unknown_ones_refused():
     rng = np.random.default_rng(0)
-    s = toyworld.random_spec(rng, shape="star", bg_colour="green", size="big")
+    s = world.random_spec(rng, shape="star", bg_colour="green", size="big")
     assert (s.shape, s.bg_colour, s.size) == ("star", "green", "big")
     with pytest.raises(ValueError, match="unknown picture attribute"):
-        toyworld.random_spec(rng, hat="red")
+        world.random_spec(rng, hat="red")
 
 
 def test_subject_is_teal_and_pink_and_never_in_the_world():
-    img = toyworld.render(toyworld.Spec("star", None, "big", "plain", "white", radius=0.38, subject=True))
+    img = world.render(world.Spec("star", None, "big", "plain", "white", radius=0.38, subject=True))
     pixels = {tuple(p) for p in img.reshape(-1, 3)}
-    for rgb in toyworld.SUBJECT_COLOURS:
+    for rgb in world.SUBJECT_COLOURS:
         assert rgb in pixels, f"the subject must show its colour {rgb}"
-    _, _, specs = toyworld.batch(200, seed=5)
+    _, _, specs = world.batch(200, seed=5)
     assert not any(s.subject for s in specs), "the world must never draw the subject on its own"
-    world = toyworld.to_uint8(toyworld.batch(50, seed=6)[0]).reshape(-1, 3)
-    teal = np.all(world == np.array(toyworld.SUBJECT_COLOURS[0]), axis=1).mean()
+    pixels = world.to_uint8(world.batch(50, seed=6)[0]).reshape(-1, 3)
+    teal = np.all(pixels == np.array(world.SUBJECT_COLOURS[0]), axis=1).mean()
     assert teal == 0, f"{teal:.2%} of world pixels are exactly the subject's teal"
 
 
 def test_shipped_subject_photos_are_the_regenerable_ones():
     files = sorted(SUBJECT_DIR.glob("*.png"))
     assert len(files) == 5, f"examples/toy_subject should hold 5 photos, found {[f.name for f in files]}"
-    photos, specs = toyworld.subject_photos(5, seed=0)
+    photos, specs = world.subject_photos(5, seed=0)
     for f, photo, spec in zip(files, photos, specs):
         assert np.array_equal(np.asarray(Image.open(f).convert("RGB")), photo), \
-            f"{f.name} differs from toyworld.subject_photos(5, seed=0): regenerate with save_subject_photos"
+            f"{f.name} differs from world.subject_photos(5, seed=0): regenerate with save_subject_photos"
         assert spec.subject and spec.shape == "star"
     assert len({s.texture for s in specs}) == 4, "the photos should show the subject on every texture"
 
 
 def test_subject_class_noun_is_documented():
     info = json.loads((ROOT / "tinybooth" / "assets" / "toy_subject.json").read_text())
-    assert info["class_noun"] == toyworld.SUBJECT_CLASS == "star"
+    assert info["class_noun"] == world.SUBJECT_CLASS == "star"
     assert (ROOT / info["photos"]).is_dir()
     assert "**star**" in (SUBJECT_DIR / "README.md").read_text()

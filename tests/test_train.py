@@ -1,11 +1,13 @@
-"""python -m tinybooth.train: eq. (2), SR fine-tuning, outputs, resume, Ctrl-C, NaN guard, bad inputs, public layouts.
+"""python -m tinybooth.train: whole runs, outputs, resume, Ctrl-C, NaN guard, bad inputs, public layouts.
 
 Runs use tiny random checkpoints written here in the public layouts (IF stage I + II with a T5, SD 1.x with CLIP and
 a VAE), built with tinybooth's own from_config + save_pretrained, and a few steps each. The embedded toy default is
 exercised by a short run too (slow marker).
 """
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tinybooth import cascade, data, lora, train
+from tinybooth import data, dreambooth, train
 from tinybooth.checkpoint import CheckpointError
-from tinybooth.loss import diffusion_loss
 from tinybooth.schedule import DiscreteSchedule
+from tinybooth.training import TrainingError
 from tinybooth.unet import UNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +54,6 @@ CLIP = dict(model_type="clip_text_model", hidden_size=16, intermediate_size=32, 
             num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
             vocab_size=49408, pad_token_id=1, bos_token_id=0, eos_token_id=2, projection_dim=16)
 
-
-# eq. (2) tests use a schedule listed in full (trained_betas), so they do not need Task 1.1's beta schedules
-LISTED_SCHEDULE = dict(IF_SCHEDULER, trained_betas=torch.linspace(1e-4, 0.02, 1000).tolist())
 
 
 def _save_scheduler(path, config):
@@ -135,79 +134,11 @@ def _unet_state(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# eq. (2) and the SR conditioning
-
-class _Recorder(torch.nn.Module):
-    """A stand-in U-Net: returns a fixed function of its input and remembers what it was given."""
-
-    def forward(self, z, t, c, noise_level=None):
-        self.z, self.t, self.c, self.noise_level = z, t, c, noise_level
-        return torch.cat([0.5 * z[:, :3], torch.zeros_like(z[:, :3])], 1)
-
-
-@pytest.mark.task8_3
-def test_dreambooth_loss_is_subject_plus_lambda_prior():
-    schedule = DiscreteSchedule.from_config(LISTED_SCHEDULE)
-    g = torch.Generator().manual_seed(0)
-    x, x_pr = torch.rand(2, 3, 4, 4) * 2 - 1, torch.rand(3, 3, 4, 4) * 2 - 1
-    c, c_pr = torch.randn(2, 5, 16), torch.randn(3, 5, 16)
-    unet = _Recorder()
-    total, parts = train.dreambooth_loss(unet, schedule, x, c, x_pr, c_pr, 0.7, g)
-    assert unet.z.shape[0] == 5 and torch.equal(unet.c, torch.cat([c, c_pr])), \
-        "the subject batch and the prior batch must go through the U-Net together, subject first"
-    # recompute each sample's eps-MSE from what the U-Net saw: z_t = alpha_t x + sigma_t eps -> eps
-    alpha, sigma = schedule.alpha_sigma(unet.t)
-    x_all = torch.cat([x, x_pr])
-    eps = (unet.z - alpha * x_all) / sigma
-    per = diffusion_loss(unet(unet.z, unet.t, unet.c), x_all, eps, unet.z, unet.t, schedule, reduction="none")
-    assert torch.allclose(parts["subject"], per[:2].mean(), atol=1e-5), "subject term = mean loss of the first B"
-    assert torch.allclose(parts["prior"], per[2:].mean(), atol=1e-5), "prior term = mean loss of the prior batch"
-    assert torch.allclose(total, per[:2].mean() + 0.7 * per[2:].mean(), atol=1e-5), \
-        "eq. (2): total = subject + lambda * prior with lambda = 0.7"
-
-
-@pytest.mark.task8_3
-def test_dreambooth_loss_without_prior_is_the_subject_loss():
-    schedule = DiscreteSchedule.from_config(LISTED_SCHEDULE)
-    total, parts = train.dreambooth_loss(_Recorder(), schedule, torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 16),
-                                         None, None, 1.0, torch.Generator().manual_seed(0))
-    assert set(parts) == {"subject"} and torch.equal(total.detach(), parts["subject"])
-
-
-def test_sr_conditioning_is_the_upsampled_photo_noised_at_the_level():
-    noising = DiscreteSchedule.from_config(NOISING_SCHEDULER)
-    x_high = torch.rand(2, 3, 16, 16) * 2 - 1
-    x_up = cascade.upsample(data.resize_images(x_high, 8), 16)
-    clean, level = train.sr_conditioning(x_high, 8, cascade.level_from_continuous(1e-5), noising,
-                                         torch.Generator().manual_seed(0))
-    assert level.tolist() == [0, 0] and torch.equal(clean, x_up), \
-        "the paper's 1e-5 is IF step 0: the SR model sees the clean upsampled low-res photo"
-    noisy, level = train.sr_conditioning(x_high, 8, 250, noising, torch.Generator().manual_seed(0))
-    alpha, sigma = noising.alpha_sigma(250)
-    resid = (noisy - alpha * x_up) / sigma
-    assert level.tolist() == [250, 250] and abs(resid.std() - 1) < 0.15, \
-        "at level 250 the input is alpha x_up + sigma eps with unit-variance eps"
-
-
-def test_rare_identifier_stays_one_token_and_survives_if_lower_casing():
-    from types import SimpleNamespace
-    from tinybooth import rare_tokens
-    from tinybooth.text import T5Tokenizer
-    tok = T5Tokenizer.from_pretrained(TOY / "toy-IF-I" / "tokenizer")
-    identifier = train.choose_identifier(SimpleNamespace(identifier=None, seed=0), SimpleNamespace(tokenizer=tok,
-                                                                                                  kind="if"))
-    assert identifier == identifier.lower() and rare_tokens.count_tokens(tok, identifier) == 1, \
-        f"[V] = {identifier!r} must be one token and lower case (IF's pipeline lower-cases prompts)"
-    assert identifier in rare_tokens.rare_token_candidates(tok, seed=0), "[V] comes from the paper's search"
-    assert train.choose_identifier(SimpleNamespace(identifier="sks", seed=0), None) == "sks"
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # whole runs on tiny public-layout checkpoints
 
 def test_if_run_writes_a_loadable_personalised_cascade(tiny_if, photos, tmp_path, capsys):
     out = tmp_path / "run"
-    train.main(_if_args(tiny_if, photos, out))
+    train.run(_if_args(tiny_if, photos, out))
     printed = capsys.readouterr().out
     assert "instance prompt" in printed and "a sks blob" in printed, "effective settings are printed at start"
     assert str(out.resolve()) in printed, "the run must say where its outputs are"
@@ -230,7 +161,7 @@ def test_if_run_writes_a_loadable_personalised_cascade(tiny_if, photos, tmp_path
 
 def test_loss_decreases(tiny_if, photos, tmp_path):
     out = tmp_path / "run"
-    train.main(_if_args(tiny_if, photos, out, "--max-steps", "30", "--sr-steps", "0", "--num-samples", "0",
+    train.run(_if_args(tiny_if, photos, out, "--max-steps", "30", "--sr-steps", "0", "--num-samples", "0",
                         "--no-prior-preservation", "--checkpoint-every", "100", "--lr", "3e-3", "--batch-size", "4"))
     losses = [h["subject"] for h in json.loads((out / "metrics.json").read_text())["history"]]
     first, last = np.mean(losses[:8]), np.mean(losses[-8:])
@@ -240,66 +171,36 @@ def test_loss_decreases(tiny_if, photos, tmp_path):
 def test_resume_after_ctrl_c_reaches_the_same_weights(tiny_if, photos, tmp_path, monkeypatch):
     args = ["--sr-steps", "0", "--num-samples", "0", "--max-steps", "5", "--deterministic"]
     full = tmp_path / "full"
-    train.main(_if_args(tiny_if, photos, full, *args))
+    train.run(_if_args(tiny_if, photos, full, *args))
 
     cut = tmp_path / "cut"
-    real_step = train.Stage.train_step
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
 
-    def interrupted(self):
-        if self.step == 3:  # Ctrl-C in the middle of the 4th step
-            self.loss_fn(self.generator)  # it has drawn random numbers already
-            raise KeyboardInterrupt
-        return real_step(self)
+    def ctrl_c_inside_the_optimizer_step(self, *a, **k):  # Ctrl-C while step 4 updates the weights
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *a, **k)
 
-    monkeypatch.setattr(train.Stage, "train_step", interrupted)
+    monkeypatch.setattr(torch.optim.AdamW, "step", ctrl_c_inside_the_optimizer_step)
     with pytest.raises(KeyboardInterrupt):
-        train.main(_if_args(tiny_if, photos, cut, *args))
+        train.run(_if_args(tiny_if, photos, cut, *args))
     ckpt = torch.load(cut / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 3, "Ctrl-C must save a checkpoint at the last finished step"
-    monkeypatch.setattr(train.Stage, "train_step", real_step)
-    train.main(_if_args(tiny_if, photos, cut, *args, "--resume"))
+    assert ckpt["step"] == 4, "Ctrl-C waits for the step it arrived in: the checkpoint holds whole steps only"
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    train.run(_if_args(tiny_if, photos, cut, *args, "--resume"))
     a, b = _unet_state(full / "model" / "unet"), _unet_state(cut / "model" / "unet")
     assert all(torch.equal(a[k], b[k]) for k in a), \
         "interrupted + resumed must give bit-identical weights to an uninterrupted run (--deterministic, CPU)"
 
 
-def test_optimizer_in_backward_is_adamw_without_holding_the_gradients():
-    torch.manual_seed(0)
-    unet = UNet.from_config(IF_UNET)
-    twin = UNet.from_config(IF_UNET)
-    twin.load_state_dict(unet.state_dict())
-    params = dict(unet.named_parameters())
-    in_backward = train.OptimizerInBackward(params, lr=1e-2, weight_decay=1e-2, max_grad_norm=float("inf"))
-    reference = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=1e-2)
-    x, c = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 16)
-    t = torch.tensor([10, 900])
-    seen = []  # how many gradients exist each time a weight is updated
-    for p in params.values():
-        p.register_post_accumulate_grad_hook(lambda p: seen.append(sum(q.grad is not None for q in params.values())))
-    for _ in range(3):
-        unet(x, t, c).square().mean().backward()  # the update happens in here
-        reference.zero_grad()
-        twin(x, t, c).square().mean().backward()
-        reference.step()
-    assert all(p.grad is None for p in params.values()), "every gradient is freed once its weight is updated"
-    assert len(seen) == 3 * len(params) and max(seen) == 0, "each gradient is gone right after its update"
-    for (name, a), b in zip(unet.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name}: not AdamW's update")
-    in_backward.remove_hooks()
-    before = {k: p.detach().clone() for k, p in params.items()}
-    unet(x, t, c).square().mean().backward()
-    assert all(torch.equal(before[k], p) for k, p in params.items()), "remove_hooks: no more updates in backward"
-
-
 def test_optimizer_in_backward_holds_ctrl_c_until_the_step_is_done(tiny_if, photos, tmp_path, monkeypatch):
-    import os
-    import signal
     args = ["--sr-steps", "0", "--num-samples", "0", "--max-steps", "5", "--deterministic", "--optimizer-in-backward"]
     full = tmp_path / "full"
-    train.main(_if_args(tiny_if, photos, full, *args))
+    train.run(_if_args(tiny_if, photos, full, *args))
 
     cut = tmp_path / "cut"
-    real_loss, calls = train.dreambooth_loss, {"n": 0}
+    real_loss, calls = dreambooth.dreambooth_loss, {"n": 0}
 
     def ctrl_c_mid_step(*a, **k):  # Ctrl-C arrives while step 4 computes its loss, before its backward
         calls["n"] += 1
@@ -307,22 +208,22 @@ def test_optimizer_in_backward_holds_ctrl_c_until_the_step_is_done(tiny_if, phot
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(train, "dreambooth_loss", ctrl_c_mid_step)
+    monkeypatch.setattr(dreambooth, "dreambooth_loss", ctrl_c_mid_step)
     with pytest.raises(KeyboardInterrupt):
-        train.main(_if_args(tiny_if, photos, cut, *args))
+        train.run(_if_args(tiny_if, photos, cut, *args))
     ckpt = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4, "the step Ctrl-C arrived in is finished (its weights were already changing)"
-    monkeypatch.setattr(train, "dreambooth_loss", real_loss)
-    train.main(_if_args(tiny_if, photos, cut, *args, "--resume"))
+    monkeypatch.setattr(dreambooth, "dreambooth_loss", real_loss)
+    train.run(_if_args(tiny_if, photos, cut, *args, "--resume"))
     a, b = _unet_state(full / "model" / "unet"), _unet_state(cut / "model" / "unet")
     assert all(torch.equal(a[k], b[k]) for k in a), "interrupted + resumed must match the uninterrupted run"
     with pytest.raises(ValueError, match="--grad-accum 1"):
-        train.main(_if_args(tiny_if, photos, tmp_path / "x", "--optimizer-in-backward", "--grad-accum", "2"))
+        train.run(_if_args(tiny_if, photos, tmp_path / "x", "--optimizer-in-backward", "--grad-accum", "2"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_if, photos, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_loss = train.dreambooth_loss
+    real_loss = dreambooth.dreambooth_loss
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -330,24 +231,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_if, photos, tmp_
         total, parts = real_loss(*a, **k)
         return (total * float("nan"), parts) if calls["n"] == 3 else (total, parts)
 
-    monkeypatch.setattr(train, "dreambooth_loss", poisoned)
-    with pytest.raises(train.TrainingError, match=r"loss became nan at step 3.*last good checkpoint is .*checkpoint\.pt"):
-        train.main(_if_args(tiny_if, photos, out, "--sr-steps", "0"))
+    monkeypatch.setattr(dreambooth, "dreambooth_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 3.*last good checkpoint is .*checkpoint\.pt"):
+        train.run(_if_args(tiny_if, photos, out, "--sr-steps", "0", "--checkpoint-every", "1"))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 2, "the checkpoint of step 2 must survive the NaN at step 3"
+    assert ckpt["step"] == 1, ("the checkpoint of step 1 survives; step 2's weights gave the NaN at step 3, so they "
+                               "are never written")
     assert all(torch.isfinite(v).all() for v in ckpt["trainable"].values())
 
 
 def test_class_images_are_cached_and_resumed(tiny_if, photos, tmp_path, capsys):
     out = tmp_path / "run"
     extra = ["--max-steps", "1", "--sr-steps", "0", "--num-samples", "0", "--num-class-images", "5"]
-    train.main(_if_args(tiny_if, photos, out, *extra))
+    train.run(_if_args(tiny_if, photos, out, *extra))
     folder = out / "class_images" / "a_blob"
     before = {p.name: p.read_bytes() for p in folder.glob("*.png")}
     assert sorted(before) == [f"{i:05d}.png" for i in range(5)]
     (folder / "00003.png").unlink()  # as if the run had been killed while drawing the second batch
     capsys.readouterr()
-    train.main(_if_args(tiny_if, photos, out, *extra))
+    train.run(_if_args(tiny_if, photos, out, *extra, "--overwrite"))
     assert "drawing 2 of 5" in capsys.readouterr().out, "only the unfinished batch (images 2-3) is drawn again"
     after = {p.name: p.read_bytes() for p in folder.glob("*.png")}
     assert after == before, "a redrawn batch must be identical to the first draw (seeded per batch)"
@@ -355,7 +257,7 @@ def test_class_images_are_cached_and_resumed(tiny_if, photos, tmp_path, capsys):
 
 def test_sd_lora_run_saves_adapters_and_a_merged_public_model(tiny_sd, photos, tmp_path):
     out = tmp_path / "run"
-    train.main(["--model", str(tiny_sd), "--instance-dir", str(photos), "--class-noun", "blob", "--identifier", "sks",
+    train.run(["--model", str(tiny_sd), "--instance-dir", str(photos), "--class-noun", "blob", "--identifier", "sks",
                 "--output-dir", str(out), "--num-class-images", "2", "--class-steps", "2", "--class-sampler", "ddim",
                 "--sample-steps", "2", "--num-samples", "1", "--max-steps", "2", "--lora-rank", "2",
                 "--train-text-encoder", "--lr", "1e-2"])
@@ -374,7 +276,7 @@ def test_sd_lora_run_saves_adapters_and_a_merged_public_model(tiny_sd, photos, t
 @pytest.mark.parametrize("lora_rank", ["0", "2"], ids=["full", "lora"])
 def test_bf16_autocast_checkpointing_and_grad_accum_run(tiny_if, photos, tmp_path, lora_rank):
     out = tmp_path / "run"
-    train.main(_if_args(tiny_if, photos, out, "--gradient-checkpointing", "--grad-accum", "2", "--max-steps", "2",
+    train.run(_if_args(tiny_if, photos, out, "--gradient-checkpointing", "--grad-accum", "2", "--max-steps", "2",
                         "--sr-steps", "1", "--num-samples", "0", "--mixed-precision", "bf16",
                         "--lora-rank", lora_rank))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -388,13 +290,13 @@ def test_bf16_autocast_checkpointing_and_grad_accum_run(tiny_if, photos, tmp_pat
 
 def test_missing_weights_name_the_download_command(photos, tmp_path):
     with pytest.raises(CheckpointError, match="weights_download.py"):
-        train.main(["--model", str(tmp_path / "IF-I-M-v1.0"), "--instance-dir", str(photos), "--class-noun", "dog",
+        train.run(["--model", str(tmp_path / "IF-I-M-v1.0"), "--instance-dir", str(photos), "--class-noun", "dog",
                     "--output-dir", str(tmp_path / "run")])
 
 
 def test_class_noun_is_required_for_user_photos(photos, tmp_path):
     with pytest.raises(ValueError, match="--class-noun is required"):
-        train.settings_from_args(["--instance-dir", str(photos)])
+        train.parse(["--instance-dir", str(photos)])
 
 
 def test_unreadable_instance_image_is_named(tiny_if, photos, tmp_path):
@@ -402,46 +304,46 @@ def test_unreadable_instance_image_is_named(tiny_if, photos, tmp_path):
     shutil.copytree(photos, bad)
     (bad / "03.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     with pytest.raises(data.InstanceImageError, match=r"'dog/03\.jpg' cannot be read"):
-        train.main(_if_args(tiny_if, bad, tmp_path / "run"))
+        train.run(_if_args(tiny_if, bad, tmp_path / "run"))
 
 
 def test_resume_without_checkpoint_and_with_other_settings_are_refused(tiny_if, photos, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="no checkpoint"):
-        train.main(_if_args(tiny_if, photos, out, "--resume"))
-    train.main(_if_args(tiny_if, photos, out, "--max-steps", "2", "--sr-steps", "0", "--num-samples", "0"))
+        train.run(_if_args(tiny_if, photos, out, "--resume"))
+    train.run(_if_args(tiny_if, photos, out, "--max-steps", "2", "--sr-steps", "0", "--num-samples", "0"))
     with pytest.raises(ValueError, match="prior_loss_weight"):
-        train.main(_if_args(tiny_if, photos, out, "--sr-steps", "0", "--prior-loss-weight", "0.5", "--resume"))
+        train.run(_if_args(tiny_if, photos, out, "--sr-steps", "0", "--prior-loss-weight", "0.5", "--resume"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the embedded default
 
 def test_no_arguments_means_the_toy_cascade_and_subject():
-    cfg = train.settings_from_args([])
-    assert cfg.backbone == "toy" and Path(cfg.model) == TOY / "toy-IF-I" and Path(cfg.sr_model) == TOY / "toy-IF-II"
+    cfg = train.parse([])
+    assert cfg.family == "toy" and Path(cfg.model) == TOY / "toy-IF-I" and Path(cfg.sr_model) == TOY / "toy-IF-II"
     assert Path(cfg.instance_dir) == ROOT / "examples" / "toy_subject"
     assert cfg.class_noun == json.loads((TOY / "toy_subject.json").read_text())["class_noun"]
     assert cfg.prior_preservation and cfg.prior_loss_weight == 1.0 and cfg.sr_noise_level == 1e-5, \
         "the default is the paper's recipe: prior preservation with lambda = 1, SR noise augmentation 1e-5"
     assert cfg.train_text_encoder, "the toy T5 is fine-tuned by default (lessons/08_ablations.py says why)"
-    assert not train.settings_from_args(["--no-train-text-encoder"]).train_text_encoder
+    assert not train.parse(["--no-train-text-encoder"]).train_text_encoder
 
 
 def test_public_backbones_keep_the_text_encoder_frozen_unless_asked(tiny_if, tiny_sd, photos):
     for model in (tiny_if[0], tiny_sd):
         args = ["--model", str(model), "--instance-dir", str(photos), "--class-noun", "dog"]
-        assert not train.settings_from_args(args).train_text_encoder, f"{model.name}: T5-XXL / CLIP stay frozen"
-        assert train.settings_from_args([*args, "--train-text-encoder"]).train_text_encoder
+        assert not train.parse(args).train_text_encoder, f"{model.name}: T5-XXL / CLIP stay frozen"
+        assert train.parse([*args, "--train-text-encoder"]).train_text_encoder
 
 
 @pytest.mark.slow
 def test_default_toy_run_end_to_end_in_a_few_steps(tmp_path, capsys):
     out = tmp_path / "toy"
-    train.main(["--output-dir", str(out), "--max-steps", "3", "--sr-steps", "2", "--num-class-images", "2",
+    train.run(["--output-dir", str(out), "--max-steps", "3", "--sr-steps", "2", "--num-class-images", "2",
                 "--class-steps", "2", "--num-samples", "2", "--sample-steps", "2"])
     assert str(out.resolve()) in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"subject_probability", "class_prompt_subject_probability", "pres", "sr_psnr_db"} <= set(metrics["toy"])
+    assert {"subject_probability", "PRES_subject_probability", "PRES", "class_DIV", "sr_psnr_db"} <= set(metrics["toy"])
     assert UNet.from_pretrained(out / "model" / "unet").config["sample_size"] == 32
     assert UNet.from_pretrained(out / "sr_model" / "unet").config["sample_size"] == 64

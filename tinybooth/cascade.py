@@ -80,6 +80,14 @@ def level_from_continuous(t, num_train_timesteps=1000):
     # END ASSIGN 7.2
 
 
+def parse_noise_level(text):
+    """A command-line level: '250' -> IF step 250; '1e-3' or '0.25' (with '.' or 'e') -> the paper's continuous
+    level, mapped to a step."""
+    if any(ch in text for ch in ".eE"):
+        return level_from_continuous(float(text))
+    return int(text)
+
+
 def continuous_from_level(k, num_train_timesteps=1000):
     """IF's discrete step k as the paper's continuous level t = k / T (the inverse of level_from_continuous)."""
     if not 0 <= k < num_train_timesteps:
@@ -180,13 +188,9 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
         tokenizer = Tokenizer.from_pretrained(model_dir / "tokenizer")
         encoder = Encoder.from_pretrained(model_dir / "text_encoder", dtype=dtype, device=device,
                                           variant=stored_variant(model_dir / "text_encoder", "model"))
-        ids, mask = tokenizer(missing, max_length=max_length)                  # [M, L] each
-        device_ = next(encoder.parameters()).device
-        # IF passes the padding mask to T5. SD 1.x does not pass it to CLIP (causal attention only): its U-Net
-        # cross-attends to all 77 outputs, and the padding positions' outputs depend on that choice.
-        enc_mask = mask.to(device_) if family == "if" else None
+        _, mask = tokenizer(missing, max_length=max_length)                    # [M, L]
         with torch.no_grad():
-            c = encoder(ids.to(device_), attention_mask=enc_mask)              # [M, L, D]
+            c = run_text_encoder(tokenizer, encoder, missing, family, max_length)  # [M, L, D]
         cache_dir.mkdir(parents=True, exist_ok=True)
         for i, prompt in enumerate(missing):
             target = files[prompt]
@@ -199,6 +203,17 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
             torch.cuda.empty_cache()                                           # T5-XXL must not stay next to the U-Nets
     entries = [load_file(str(files[t])) for t in texts]
     return torch.stack([e["c"] for e in entries]), torch.stack([e["mask"] for e in entries])
+
+
+def run_text_encoder(tokenizer, encoder, texts, family, max_length=77):
+    """c = E(texts) [B, L, D] with the family's conventions: IF lower-cases and strips prompts and passes the padding
+    mask to T5. SD 1.x does not pass it to CLIP (causal attention only): its U-Net cross-attends to all 77 outputs,
+    and the padding positions' outputs depend on that choice. Gradients flow when enabled (a fine-tuned encoder)."""
+    if family == "if":
+        texts = [t.lower().strip() for t in texts]
+    ids, mask = tokenizer(texts, max_length=max_length)                       # [B, L] each
+    device = next(encoder.parameters()).device
+    return encoder(ids.to(device), attention_mask=mask.to(device) if family == "if" else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 from tinybooth import checkpoint as ckpt
 from tinybooth import metrics
-from tinybooth import toyworld
+from tinybooth.toy import world
 from tinybooth.data import resize_images
 
-DEFAULT_PATH = Path(__file__).parent / "assets" / "toy-evaluator"
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "toy-evaluator"
 ATTRIBUTES = ("shape", "colour", "size", "texture", "bg_colour")
 
 
@@ -48,9 +48,9 @@ class EvaluatorConfig:
 
     def __post_init__(self):
         if self.labels is None:
-            object.__setattr__(self, "labels", {"shape": list(toyworld.SHAPES), "colour": list(toyworld.COLOURS),
-                                                "size": list(toyworld.SIZES), "texture": list(toyworld.TEXTURES),
-                                                "bg_colour": list(toyworld.COLOURS)})
+            object.__setattr__(self, "labels", {"shape": list(world.SHAPES), "colour": list(world.COLOURS),
+                                                "size": list(world.SIZES), "texture": list(world.TEXTURES),
+                                                "bg_colour": list(world.COLOURS)})
 
     @classmethod
     def from_dict(cls, config):
@@ -129,11 +129,11 @@ def read(evaluator, images):
 
 
 def attribute_hits(reading, prompt):
-    """{attribute: read == asked} for every world attribute the prompt names (toyworld.parse_caption).
+    """{attribute: read == asked} for every world attribute the prompt names (world.parse_caption).
 
     A prompt that names the subject's class with an identifier ("a sks star") also asks for the subject; that is
     scored by subject fidelity, not here."""
-    asked = toyworld.parse_caption(prompt)
+    asked = world.parse_caption(prompt)
     return {a: reading[a] == v for a, v in asked.items()}
 
 

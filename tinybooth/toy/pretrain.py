@@ -1,4 +1,4 @@
-"""Pretrain the embedded default: a tiny DeepFloyd-IF-shaped cascade on the toy world, saved in IF's public layout.
+"""How the embedded default was pretrained: a tiny DeepFloyd-IF-shaped cascade on the toy world, in IF's public layout.
 
 DreamBooth personalises a model that already has a prior (paper Sec. 3-4); on a random model there is nothing to
 preserve. So the repo ships its own small pretrained text-to-image cascade, made by this command:
@@ -44,17 +44,14 @@ count or its time limit, whichever comes first; results.json records the steps a
 already in --out (the shipped base model was continued once and the SR model three times: see
 toy-IF-I/TRAINING.md).
 """
-import argparse
-import copy
 import gzip
 import io
 import json
 import math
-import os
-import platform
 import random
 import re
 import shutil
+import statistics
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -63,17 +60,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tinybooth import toyworld
-from tinybooth.cascade import IF_NOISE_LEVEL, guided_denoiser, noise_augment, upsample
+from tinybooth.toy import world
+from tinybooth.cascade import noise_augment, upsample
 from tinybooth.data import resize_images
 from tinybooth.loss import diffusion_loss
-from tinybooth.samplers import sample
 from tinybooth.schedule import DiscreteSchedule, predict_x_and_eps
-from tinybooth.text import T5Encoder, T5Tokenizer
-from tinybooth.toy_evaluator import ATTRIBUTES, ToyEvaluator, read
+from tinybooth.text import T5Encoder
+from tinybooth.toy.evaluator import ATTRIBUTES, ToyEvaluator
+from tinybooth.training import LoopSettings, Trainer
 from tinybooth.unet import UNet
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CLIP_VOCAB = ASSETS / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 BASE_RES, SR_RES, MAX_LENGTH = 32, 64, 77
 SPM_PIECES, EXTRA_IDS = 12000, 100
@@ -116,13 +113,6 @@ SCHEDULER_CONFIG = dict(  # IF's DDPMScheduler: cosine schedule, learned varianc
 SR_SCHEDULER_CONFIG = dict(SCHEDULER_CONFIG, sample_max_value=1.0, prediction_type="v_prediction")
 NOISING_SCHEDULER_CONFIG = dict(SCHEDULER_CONFIG, variance_type="fixed_small", thresholding=False,
                                 sample_max_value=1.0)
-SR_GUIDANCE, SAMPLE_STEPS = 4.0, 50  # stage-II sampling for the quality bar (IF's stage-II pipeline defaults)
-# stage-I samplings the quality bar tries: (guidance, sampler, steps, dynamic thresholding); the best feeds stage II
-BASE_SAMPLINGS = ((1.0, "ddim", SAMPLE_STEPS, True), (3.0, "ddim", SAMPLE_STEPS, True),
-                  (5.0, "ddim", SAMPLE_STEPS, True),
-                  (2.0, "ancestral", 2 * SAMPLE_STEPS, True), (3.0, "ancestral", 2 * SAMPLE_STEPS, True),
-                  (5.0, "ancestral", 2 * SAMPLE_STEPS, True), (7.0, "ancestral", 2 * SAMPLE_STEPS, True),
-                  (3.0, "ancestral", 2 * SAMPLE_STEPS, False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,8 +121,8 @@ BASE_SAMPLINGS = ((1.0, "ddim", SAMPLE_STEPS, True), (3.0, "ddim", SAMPLE_STEPS,
 def _render_chunk(args):
     """One worker's share (numpy and Pillow only: torch's thread pools do not survive a fork)."""
     seed, n, subject_fraction = args
-    specs = toyworld.random_specs(np.random.default_rng(seed), n, subject_fraction)
-    return np.stack([toyworld.render(s) for s in specs]), specs
+    specs = world.random_specs(np.random.default_rng(seed), n, subject_fraction)
+    return np.stack([world.render(s) for s in specs]), specs
 
 
 def render_dataset(n, seed, workers, subject_fraction=0.0, chunk=1000):
@@ -149,7 +139,7 @@ class CaptionTable:
 
     def __init__(self, specs, tokenizer, seed, device, k=4, drop_prob=0.1):
         rng = np.random.default_rng(seed)
-        captions = [[toyworld.caption(s, rng) for _ in range(k)] for s in specs]
+        captions = [[world.caption(s, rng) for _ in range(k)] for s in specs]
         unique = sorted({c for row in captions for c in row} | {""})
         where = {c: i for i, c in enumerate(unique)}
         ids, mask = tokenizer(unique, max_length=MAX_LENGTH)
@@ -185,7 +175,7 @@ def train_tokenizer(out_dir, seed):
     import sentencepiece as spm
     r, rng = random.Random(seed), np.random.default_rng(seed)
     words = [w.capitalize() if r.random() < 0.1 else w for w in clip_words()]  # some capitals: "A sks star"
-    captions = [toyworld.caption(toyworld.random_spec(rng), rng) for _ in range(20000)]
+    captions = [world.caption(world.random_spec(rng), rng) for _ in range(20000)]
     punctuation = [f"{a}{p} {b}" for p in ",.;:!?'\"()-/&" for a, b in zip(words[::500], words[1::500])]
     corpus = words + captions + punctuation + [str(i) for i in range(1000)]
     r.shuffle(corpus)
@@ -224,14 +214,14 @@ def evaluator_data(n, seed, workers):
     """World pictures, the subject anywhere (15%), and look-alikes: stars split into two world colours (10%)."""
     images, specs = render_dataset(n, seed, workers, subject_fraction=0.15)
     rng = np.random.default_rng(seed + 1)
-    colours = list(toyworld.COLOURS.values())
+    colours = list(world.COLOURS.values())
     lookalike = np.zeros(n, dtype=bool)
     for i in rng.choice(n, size=n // 10, replace=False):
         if specs[i].subject:
             continue
         a, b = rng.choice(len(colours), size=2, replace=False)
-        specs[i] = toyworld.with_attributes(specs[i], shape="star", subject=True, colour=None)
-        images[i] = toyworld.render(specs[i], halves=(colours[a], colours[b]))
+        specs[i] = world.with_attributes(specs[i], shape="star", subject=True, colour=None)
+        images[i] = world.render(specs[i], halves=(colours[a], colours[b]))
         lookalike[i] = True
     labels = {a: torch.tensor([(-100 if getattr(s, a) is None else list(cfg_labels(a)).index(getattr(s, a)))
                                for s in specs]) for a in ATTRIBUTES}  # -100: no colour for two-colour stars
@@ -240,34 +230,30 @@ def evaluator_data(n, seed, workers):
 
 
 def cfg_labels(attribute):
-    return {"shape": toyworld.SHAPES, "colour": toyworld.COLOURS, "size": toyworld.SIZES,
-            "texture": toyworld.TEXTURES, "bg_colour": toyworld.COLOURS}[attribute]
+    return {"shape": world.SHAPES, "colour": world.COLOURS, "size": world.SIZES,
+            "texture": world.TEXTURES, "bg_colour": world.COLOURS}[attribute]
 
 
 def train_evaluator(args, device, log):
     """Train the CNN of tinybooth.toy_evaluator; returns it (eval mode) and its held-out accuracies."""
     torch.manual_seed(args.seed)
     images, labels = evaluator_data(args.evaluator_images, args.seed + 100, args.workers)
+    t0 = time.time()
     held_images, held_labels = evaluator_data(2000, args.seed + 200, args.workers)
     model = ToyEvaluator.from_config({}).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    gen = torch.Generator(device).manual_seed(args.seed)
     labels = {k: v.to(device) for k, v in labels.items()}
-    t0 = time.time()
-    for step in range(args.evaluator_steps):
+
+    def loss_fn(gen):
         idx = torch.randint(len(images), (256,), generator=gen, device=device).cpu()
         x = degrade(resize_images(to_images(images, idx, device), BASE_RES), gen)
         idx = idx.to(device)
         out = model(x)
         loss = sum(F.cross_entropy(out[a], labels[a][idx], ignore_index=-100) for a in ATTRIBUTES)
-        loss = loss + F.binary_cross_entropy_with_logits(out["subject"], labels["subject"][idx])
-        for g in opt.param_groups:
-            g["lr"] = 2e-3 * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / args.evaluator_steps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 500 == 0:
-            log(f"evaluator step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+        return loss + F.binary_cross_entropy_with_logits(out["subject"], labels["subject"][idx]), {}
+
+    s = LoopSettings(max_steps=args.evaluator_steps, lr=2e-3, warmup_steps=200, lr_schedule="cosine",
+                     weight_decay=1e-4, max_grad_norm=None, log_every=500)
+    Trainer("evaluator", {"evaluator": model}, loss_fn, s, args.seed, device).run()
     model.eval()
     x = resize_images(to_images(held_images, torch.arange(len(held_images)), device), BASE_RES)
     with torch.no_grad():
@@ -313,50 +299,17 @@ def vlb_term(model_out, x, z_t, t, schedule):
     return kl.flatten(1).mean(1) / math.log(2)
 
 
-class EMA:
-    """Exponential moving average of a set of modules' parameters: theta_ema <- d theta_ema + (1 - d) theta."""
-
-    def __init__(self, modules, decay):
-        self.modules = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
-        self.sources, self.decay = modules, decay
-
-    @torch.no_grad()
-    def update(self, step):
-        d = min(self.decay, (1 + step) / (10 + step))  # short warm-up of the average
-        for ema, src in zip(self.modules, self.sources):
-            torch._foreach_lerp_(list(ema.parameters()), list(src.parameters()), 1 - d)
-
-
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def train_loop(name, modules, params, loss_fn, steps, time_limit, lr, log, seed, device):
-    """AdamW with a 200-step warm-up, EMA 0.997; stops after `steps` or `time_limit` seconds; returns
-    (EMA copies of modules, steps run, seconds, final loss)."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    ema = EMA(modules, 0.997)
-    gen = torch.Generator(device).manual_seed(seed)
-    t0, losses, step = time.time(), [], 0
-    while step < steps and time.time() - t0 < time_limit:
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 200)
-        with autocast(device):
-            loss = loss_fn(gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(step)
-        losses.append(loss.detach())
-        step += 1
-        if step % 250 == 0 or step == 1:
-            mean = torch.stack(losses[-250:]).mean().item()
-            if not math.isfinite(mean):
-                raise RuntimeError(f"{name}: the loss is {mean} at step {step}; lower --lr")
-            log(f"{name} step {step} loss {mean:.4f} ({time.time() - t0:.0f} s)")
-    final = torch.stack(losses[-250:]).mean().item()
-    return ema.modules, step, time.time() - t0, final
+def train_loop(name, modules, loss_fn, steps, time_limit, lr, seed, device):
+    """tinybooth.training's loop as pretraining runs it: AdamW (betas 0.9, 0.99, no weight decay) after a 200-step
+    warm-up, clipping at 1, bf16 autocast on CUDA, an EMA (0.997) of the weights; stops after `steps` or `time_limit`
+    seconds. Returns (the EMA copies of modules {name: module}, steps run, seconds, final loss)."""
+    s = LoopSettings(max_steps=steps, lr=lr, warmup_steps=200, weight_decay=0.0, betas=(0.9, 0.99),
+                     mixed_precision="bf16" if device.type == "cuda" else "no", time_limit=time_limit,
+                     ema_decay=0.997, log_every=250)
+    trainer = Trainer(name, modules, lambda gen: (loss_fn(gen), {}), s, seed, device)
+    trainer.run()
+    final = statistics.fmean(h["loss"] for h in trainer.history[-250:])
+    return trainer.final_modules, trainer.step, trainer.seconds, final
 
 
 def on_device(schedule, device):
@@ -376,7 +329,7 @@ def hybrid_loss(unet, x, c, gen, schedule, **cond):
     return diffusion_loss(out, x, eps, z_t, t, schedule) + vlb_term(out, x, z_t, t, schedule).mean()
 
 
-def train_base(args, data, captions, tokenizer, device, log):
+def train_base(args, data, captions, tokenizer, device):
     """Train the T5 encoder and the stage-I U-Net together on 32 x 32 pictures (step 3 of the recipe)."""
     torch.manual_seed(args.seed)
     if args.resume:  # continue from the weights in --out
@@ -393,13 +346,12 @@ def train_base(args, data, captions, tokenizer, device, log):
         ids, mask = captions.draw(idx, gen)
         return hybrid_loss(unet, x, t5(ids, mask), gen, schedule)
 
-    params = list(t5.parameters()) + list(unet.parameters())
-    (t5, unet), steps, seconds, loss = train_loop("base", [t5, unet], params, loss_fn, args.base_steps,
-                                                  args.base_time, args.lr, log, args.seed, device)
-    return t5, unet, dict(steps=steps, seconds=round(seconds, 1), final_loss=round(loss, 4))
+    ema, steps, seconds, loss = train_loop("base", {"t5": t5, "unet": unet}, loss_fn, args.base_steps, args.base_time,
+                                           args.lr, args.seed, device)
+    return ema["t5"], ema["unet"], dict(steps=steps, seconds=round(seconds, 1), final_loss=round(loss, 4))
 
 
-def train_sr(args, data, captions, t5, device, log):
+def train_sr(args, data, captions, t5, device):
     """Train the stage-II U-Net (32 -> 64) with the T5 encoder frozen, noise augmentation at random levels."""
     torch.manual_seed(args.seed + 1)
     unet = (UNet.from_pretrained(Path(args.out) / "toy-IF-II" / "unet", dtype=torch.float32) if args.resume
@@ -420,93 +372,10 @@ def train_sr(args, data, captions, t5, device, log):
         return hybrid_loss(lambda z, t, c_: unet(torch.cat([z, z_aug], 1), t, c_, noise_level=level), x, c, gen,
                            schedule)
 
-    (unet,), steps, seconds, loss = train_loop("sr", [unet], list(unet.parameters()), loss_fn, args.sr_steps,
-                                               args.sr_time, args.lr, log, args.seed + 1, device)
-    return unet, dict(steps=steps, seconds=round(seconds, 1), final_loss=round(loss, 4),
+    ema, steps, seconds, loss = train_loop("sr", {"unet": unet}, loss_fn, args.sr_steps, args.sr_time, args.lr,
+                                           args.seed + 1, device)
+    return ema["unet"], dict(steps=steps, seconds=round(seconds, 1), final_loss=round(loss, 4),
                       prediction_type=schedule.prediction_type)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. sampling and the quality bar
-
-@torch.no_grad()
-def encode(t5, tokenizer, prompts, device):
-    ids, mask = tokenizer(prompts, max_length=MAX_LENGTH)
-    return t5(ids.to(device), mask.to(device))
-
-
-@torch.no_grad()
-def generate(unet, schedule, c, c_uncond, guidance, generator, steps=SAMPLE_STEPS, sampler="ddim",
-             low_res=None, noising=None, level=IF_NOISE_LEVEL):
-    """A batch of images [B, 3, R, R] on the device from text embeddings c [B, L, D], with the cascade's guided
-    denoiser; for a stage-II U-Net, low_res [B, 3, r, r] is upscaled and noise-augmented at `level` first.
-    (tinybooth.cascade.sample_base / sample_super_resolution do the same one prompt at a time on the CPU.)"""
-    B, device, R = c.shape[0], c.device, unet.cfg.sample_size
-    extra, lv = None, None
-    if low_res is not None:
-        extra, lv = noise_augment(upsample(low_res, R), level, noising, generator=generator)
-    denoise = guided_denoiser(unet, c, c_uncond, guidance, 3, extra_input=extra, noise_level=lv)
-    with autocast(device):
-        return sample(denoise, schedule, (B, 3, R, R), steps, sampler=sampler, generator=generator, device=device)
-
-
-def laplacian_energy(x):
-    """Mean |Laplacian| of images [B, 3, H, W] (a sharpness figure: blur lowers it), per image [B]."""
-    k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=x.dtype, device=x.device).view(1, 1, 3, 3)
-    return F.conv2d(x.reshape(-1, 1, *x.shape[-2:]), k).abs().reshape(x.shape[0], -1).mean(1)
-
-
-def attribute_accuracy(evaluator, images, specs):
-    """Per attribute, the fraction of images the evaluator reads as the spec says."""
-    readings = read(evaluator, images)
-    return {a: float(np.mean([r[a] == getattr(s, a) for r, s in zip(readings, specs)])) for a in ATTRIBUTES}
-
-
-def measure(args, t5, tokenizer, base, sr, evaluator, device, log):
-    """The quality bar (step 5 of the recipe); returns the dict written to results.json."""
-    rng = np.random.default_rng(args.seed + 7)
-    specs = [toyworld.random_spec(rng) for _ in range(args.num_samples)]
-    prompts = [toyworld.caption(s) for s in specs]  # full captions: every attribute is asked for
-    c, c_uncond = encode(t5, tokenizer, prompts, device), encode(t5, tokenizer, [""], device)
-    results, gen = {"num_samples": len(specs), "base": {}}, lambda: torch.Generator(device).manual_seed(args.seed)
-    real = toyworld.to_tensor([toyworld.render(s) for s in specs]).to(device)
-    results["evaluator_on_renders"] = attribute_accuracy(evaluator, real, specs)
-    best = None
-    for guidance, sampler, steps, thresholding in BASE_SAMPLINGS:
-        key = f"{sampler}{steps}_cfg{guidance:g}" + ("" if thresholding else "_nothreshold")
-        if args.base_samplings != "all" and key not in args.base_samplings.split(","):
-            continue  # not measured this time: results.json keeps the row measured before
-        sched = on_device(DiscreteSchedule.from_config(dict(SCHEDULER_CONFIG, thresholding=thresholding)), device)
-        x = generate(base, sched, c, c_uncond, guidance, gen(), steps=steps, sampler=sampler)
-        acc = results["base"][key] = attribute_accuracy(evaluator, x, specs)
-        log(f"base {key}: {acc}")
-        score = min(acc["shape"], acc["colour"], acc["bg_colour"])  # the bar: each >= 0.9
-        if best is None or score > best[0]:
-            best, base_images = (score, dict(guidance=guidance, sampler=sampler, steps=steps,
-                                             thresholding=thresholding, key=key)), x
-    results["recommended_base_sampling"] = best[1]
-    if sr is not None:
-        noising = on_device(DiscreteSchedule.from_config(NOISING_SCHEDULER_CONFIG), device)
-        sr_schedule = on_device(DiscreteSchedule.from_config(SR_SCHEDULER_CONFIG), device)
-        sr_args = dict(steps=SAMPLE_STEPS, sampler="ancestral", noising=noising)
-        x64 = generate(sr, sr_schedule, c, c_uncond, SR_GUIDANCE, gen(), low_res=base_images, **sr_args)
-        bilinear = upsample(base_images, SR_RES)
-        sharp = {"real_renders": laplacian_energy(real).mean().item(),
-                 "cascade": laplacian_energy(x64).mean().item(),
-                 "bilinear_of_base": laplacian_energy(bilinear).mean().item()}
-        sharp["cascade_sharper_fraction"] = (laplacian_energy(x64) > laplacian_energy(bilinear)).float().mean().item()
-        # the SR model alone on real low-res inputs: error to the true 64 px render vs bilinear upscaling
-        low = resize_images(real, BASE_RES)
-        sr_real = generate(sr, sr_schedule, c, c_uncond, SR_GUIDANCE, gen(), low_res=low, **sr_args)
-        mse = lambda a: ((a - real) ** 2).mean().item()
-        results["sr"] = dict(sharpness_mean_abs_laplacian=sharp, cascade_64px=attribute_accuracy(evaluator, x64, specs),
-                             psnr_on_real_low_res={"sr": 10 * math.log10(4 / mse(sr_real)),
-                                                   "bilinear": 10 * math.log10(4 / mse(upsample(low, SR_RES)))},
-                             noise_level=IF_NOISE_LEVEL, guidance=SR_GUIDANCE, sampler="ancestral",
-                             steps=SAMPLE_STEPS)
-        log(f"sr: {results['sr']}")
-        results["grids"] = dict(base=base_images[:32].cpu(), cascade=x64[:32].cpu())
-    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -514,7 +383,7 @@ def measure(args, t5, tokenizer, base, sr, evaluator, device, log):
 
 def write_model_index(path, pipeline, components):
     index = {"_class_name": pipeline, "_diffusers_version": "0.16.0", **components,
-             "_tinybooth": {"class_noun": toyworld.SUBJECT_CLASS, "resolution": BASE_RES if pipeline == "IFPipeline"
+             "_tinybooth": {"class_noun": world.SUBJECT_CLASS, "resolution": BASE_RES if pipeline == "IFPipeline"
                             else SR_RES, "trained_by": "python -m tinybooth.pretrain_toy"}}
     (Path(path) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -543,115 +412,3 @@ def save_stage_two(out, sr):
         image_noising_scheduler=["diffusers", "DDPMScheduler"], text_encoder=[None, None], tokenizer=[None, None],
         safety_checker=[None, None], feature_extractor=[None, None], watermarker=[None, None],
         requires_safety_checker=False))
-
-
-def save_grid(images, path, nrow=8):
-    from PIL import Image
-    u = toyworld.to_uint8(images)
-    n, h, w, _ = u.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * h, nrow * w, 3), 255, np.uint8)
-    for i, im in enumerate(u):
-        grid[(i // nrow) * h:(i // nrow + 1) * h, (i % nrow) * w:(i % nrow + 1) * w] = im
-    Image.fromarray(grid).save(path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ASSETS), help="where toy-IF-I/, toy-IF-II/, toy-evaluator/ are written")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stages", default="tokenizer,evaluator,base,sr,measure",
-                   help="comma-separated; stages not run are loaded from --out")
-    p.add_argument("--num-images", type=int, default=150_000, help="rendered training pictures")
-    p.add_argument("--evaluator-images", type=int, default=60_000)
-    p.add_argument("--evaluator-steps", type=int, default=1500)
-    # the first shipped run stopped on its time limits (--base-time 285 --sr-time 125 on an H100) after these steps
-    p.add_argument("--base-steps", type=int, default=2266)
-    p.add_argument("--sr-steps", type=int, default=886)
-    p.add_argument("--base-time", type=float, default=math.inf, help="time limit of the base stage, seconds")
-    p.add_argument("--sr-time", type=float, default=math.inf, help="time limit of the SR stage, seconds")
-    p.add_argument("--batch-size", type=int, default=1024, help="base model batch (large: small models are "
-                   "launch-bound on a GPU, so a big batch is nearly free)")
-    p.add_argument("--sr-batch-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--num-samples", type=int, default=256, help="samples for the quality bar (>= 200)")
-    p.add_argument("--base-samplings", default="all",
-                   help="stage-I samplings the quality bar measures, e.g. ancestral100_cfg5 (the others keep the "
-                        "figures results.json already holds; the best measured one feeds stage II)")
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--log", default=None, help="also append the log to this file")
-    p.add_argument("--resume", action="store_true",
-                   help="start the base / SR stages from the weights already in --out (a run continued)")
-    args = p.parse_args(argv)
-    stages, device, out = args.stages.split(","), torch.device(args.device), Path(args.out)
-    t_start = time.time()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-    def log(msg):
-        line = f"[{time.time() - t_start:7.1f} s] {msg}"
-        print(line, flush=True)
-        if args.log:
-            with open(args.log, "a") as f:
-                f.write(line + "\n")
-
-    results_file = out / "toy-IF-I" / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    results.setdefault("stages", {})
-    machine = f"{platform.node()} {platform.processor() or platform.machine()}, " + (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores")
-    tok_dir = out / "toy-IF-I" / "tokenizer"
-    if "tokenizer" in stages:
-        train_tokenizer(tok_dir, args.seed)
-        results["stages"]["tokenizer"] = dict(pieces=SPM_PIECES, extra_ids=EXTRA_IDS, seed=args.seed)
-        log("tokenizer trained")
-    tokenizer = T5Tokenizer.from_pretrained(tok_dir)
-    if "evaluator" in stages:
-        evaluator, acc = train_evaluator(args, device, log)
-        evaluator.save_pretrained(out / "toy-evaluator")
-        results["stages"]["evaluator"] = dict(steps=args.evaluator_steps, images=args.evaluator_images,
-                                              held_out_accuracy=acc, machine=machine)
-    if "base" in stages or "sr" in stages:
-        t0 = time.time()
-        data, specs = render_dataset(args.num_images, args.seed, args.workers)
-        data = torch.from_numpy(data).to(device)  # 150k pictures: 1.8 GB of uint8, kept on the GPU
-        captions = CaptionTable(specs, tokenizer, args.seed, device)
-        log(f"rendered {len(data)} pictures, {len(captions.ids)} distinct captions ({time.time() - t0:.0f} s)")
-    if "base" in stages:
-        t5, base, info = train_base(args, data, captions, tokenizer, device, log)
-        save_stage_one(out, t5, base, tok_dir)
-        results["stages"]["base"] = dict(info, batch_size=args.batch_size, lr=args.lr, images=args.num_images,
-                                         seed=args.seed, machine=machine,
-                                         continues=results["stages"].get("base") if args.resume else None)
-    if "sr" in stages or "measure" in stages:
-        t5 = T5Encoder.from_pretrained(out / "toy-IF-I" / "text_encoder", device=device).eval()
-    if "sr" in stages:
-        sr, info = train_sr(args, data, captions, t5, device, log)
-        save_stage_two(out, sr)
-        results["stages"]["sr"] = dict(info, continues=results["stages"].get("sr") if args.resume else None,
-                                       batch_size=args.sr_batch_size, lr=args.lr, images=args.num_images,
-                                       seed=args.seed + 1, machine=machine)
-    if "measure" in stages:
-        evaluator = ToyEvaluator.from_pretrained(out / "toy-evaluator", device=device).eval()
-        base = UNet.from_pretrained(out / "toy-IF-I" / "unet", device=device).eval()
-        sr = (UNet.from_pretrained(out / "toy-IF-II" / "unet", device=device).eval()
-              if (out / "toy-IF-II" / "unet").exists() else None)
-        quality = measure(args, t5, tokenizer, base, sr, evaluator, device, log)
-        for name, images in quality.pop("grids", {}).items():
-            save_grid(images, out / "toy-IF-I" / f"samples_{name}.png")
-        previous = results.get("quality", {}) if args.base_samplings != "all" else {}  # rows not measured now
-        measured = {k: dict(v, machine=machine) for k, v in quality.pop("base").items()}
-        results["quality"] = dict(previous, **quality, base={**previous.get("base", {}), **measured}, machine=machine)
-    results.setdefault("wall_time_s", {})[args.stages] = round(time.time() - t_start, 1)
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    results_file.write_text(json.dumps(results, indent=2) + "\n")
-    log(f"done; results in {results_file}")
-
-
-if __name__ == "__main__":
-    main()

@@ -6,9 +6,8 @@ output over the step, as Adams-Bashforth does for an ordinary ODE, and reach a g
 (lesson 03 plots the error against N). alpha_bar_t is the schedule's, t -> s one step of the grid (s < t).
 
 PNDM keeps DDIM's update as its "transfer" phi and feeds it a better eps:
-    phi(z_t, eps, t, s) = sqrt(alpha_bar_s / alpha_bar_t) z_t
-                          - (alpha_bar_s - alpha_bar_t) / (alpha_bar_t sqrt(1 - alpha_bar_s)
-                                                          + sqrt(alpha_bar_t (1 - alpha_bar_t) alpha_bar_s)) eps  (eq. 9)
+    phi(z_t, eps, t, s) = sqrt(alpha_bar_s / alpha_bar_t) z_t - (alpha_bar_s - alpha_bar_t) / d eps       (eq. 9)
+                          d = alpha_bar_t sqrt(1 - alpha_bar_s) + sqrt(alpha_bar_t (1 - alpha_bar_t) alpha_bar_s)
     PLMS   eps' = (55 e_0 - 59 e_1 + 37 e_2 - 9 e_3) / 24 from this and the 3 previous evaluations          (eq. 12)
     PRK    the first 3 steps by Runge-Kutta: e_1 at (z_t, t), e_2, e_3 at the midpoint m, e_4 at s,
            eps' = (e_1 + 2 e_2 + 2 e_3 + e_4) / 6                                                       (eq. 13)

@@ -18,19 +18,28 @@ The model is tests/reference/diffusion_toy_model.py's exact denoiser of a Gaussi
 DPM-Solver++ and PNDM schedulers are built from the public config as a pipeline swaps them in:
 Scheduler.from_config(pipe.scheduler.config), i.e. with the config's class defaults filled in first.
 
-Max |difference| of the final sample from diffusers' before (tinybooth at 03985b9) and after issue 15, fp32:
-    trailing_fixed_large_13 (linear, fixed_large, trailing, 13 steps)          0.93  -> 4.8e-07
-    if_offset1_learned_9 (IF-I config, steps_offset 1, 9 steps)               0.096 -> 2.4e-07
-    cosine_learned_trailing_27 (cosine, learned_range, trailing, 27 steps)    0.10  -> 1.8e-07
-    sd15_ddpm_trailing_11 (SD 1.5 config as DDPM, trailing, 11 steps)         1.1e-2 -> 2.4e-07
-    linear_linspace_27 (linspace at T = 1000, N = 27: step 500 vs 499)        2.8e-3 -> 1.2e-07
-    if_fast27 / if_super27 (IF-I config, timesteps=fast27 / super27)          not accepted -> 1.8e-07 / 2.4e-07
-    sd15_pndm_17 (SD 1.5's PNDMScheduler config, 17 steps)                    DDIM instead, 4.1e-2 -> 2.4e-07
-    pndm_prk_16 / pndm_prk_vpred_25 (PRK warm-up)                             DDIM instead, 4.5e-2 / 2.7e-2
-                                                                              -> 2.4e-07 / 1.2e-07
-    dpmpp-2m runs (6, incl. Karras sigmas and IF's smart27)                   not available -> at most 7.2e-07
-    the ancestral step from t = 999 on the cosine schedule, vs float64        3.2e-05 -> 1.2e-07
-(measured by running both versions of tinybooth.samplers.sample on these fixtures' z_T and seeds.)
+Max |difference| of the final sample from diffusers', fp32, toy denoiser, seeded like a pipeline: tinybooth
+before issue 15 (03985b9) -> after. Measured by running both versions of tinybooth.samplers.sample on these
+fixtures' configs, seeds and z_T:
+    trailing_fixed_large_13     linear, fixed_large, trailing, 13 steps (no noise on the last step)   0.56    -> 0
+    if_offset1_learned_9        IF-I config, steps_offset 1, learned_range, 9 steps                  1.5e-4  -> 0
+    cosine_learned_trailing_27  cosine, learned_range, trailing, 27 steps                            1.7e-3  -> 0
+    sd15_ddpm_trailing_11       SD 1.5 config as DDPM, fixed_small, trailing (noise sqrt(1e-20))     0       -> 0
+    linear_linspace_27          linspace, T = 1000, N = 27 (step 500 where numpy gives 499)          8.9e-4  -> 0
+    if_fast27, if_super27       IF-I config, timesteps=fast27 / super27                          not accepted -> 0
+    sd15_pndm_17                SD 1.5's PNDMScheduler config (skip_prk_steps), 17 steps   8.4e-2 (ran DDIM) -> 3.6e-7
+    pndm_prk_16                 PRK warm-up, 16 steps                                      0.58 (ran DDIM)   -> 3.6e-7
+    pndm_prk_vpred_25           PRK warm-up, cosine, v-prediction, 25 steps                0.52 (ran DDIM)   -> 2.4e-7
+    sd15_dpmpp_14, sd15_dpmpp_karras_12, if_dpmpp_15, cosine_vpred_karras_7, linspace_sample_dpmpp_9
+                                DPM-Solver++ 2M                                            not available -> <= 3.6e-7
+    if_dpmpp_smart27            DPM-Solver++ 2M on IF's smart27 list                       not available -> 3.6e-6
+Precision of one ancestral step (cosine schedule, prediction_type sample, vs the same formula in float64):
+    t = 999 -> 899: 1.1e-4 -> 1.9e-7;  t = 999 -> 500: 1.4e-4 -> 3.4e-7 (tests/test_samplers.py).
+Timesteps: torch.linspace's rounding differed from numpy's for 138 of the N in 1..1000 at T = 1000; now none.
+Still different, by choice (the one-step samplers and PNDM go to the next grid point; diffusers' DDIMScheduler and
+PNDMScheduler step by T // N and then evaluate at the grid point): DDIM trailing N = 30: 9.2e-3, DDIM linspace
+N = 30: 4.0e-2, PNDM trailing N = 30: 8.9e-3. On 'leading' grids (SD's, IF's) and trailing grids with N dividing
+T the two agree.
 """
 import json
 import sys

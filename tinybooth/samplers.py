@@ -20,7 +20,8 @@ DDIM step (Song et al. 2021), deterministic for eta = 0:
 
 The multistep ODE solvers PNDM/PLMS and DPM-Solver++ (2M) live in tinybooth/solvers.py; `sample` runs all four.
 All match diffusers' DDPMScheduler / DDIMScheduler / PNDMScheduler / DPMSolverMultistepScheduler step for step
-(tests/fixtures/diffusion). Every step function is pure: randomness comes from `noise=` or `generator=`.
+(tests/fixtures/diffusion; for DDIM and PNDM whole runs agree on 'leading' grids, see `sample`). Every step
+function is pure: randomness comes from `noise=` or `generator=`.
 """
 import torch
 

@@ -21,7 +21,9 @@ and extrapolates the data prediction x_hat (Lu et al. 2022, Alg. 2):
 with u the previous grid point ("2M"). The first step and the last one, to sigma = 0 where z_0 = x_hat, are
 first order. Its grid is diffusers' DPMSolverMultistepScheduler's, in noise-to-signal ratios nsr = sigma / alpha
 (Karras et al.'s sigma): 'leading' and 'linspace' grids of N + 1 points without the last; use_karras_sigmas
-spaces nsr^(1/7) evenly (Karras et al. 2022, eq. 5) and evaluates the network at the nearest timesteps.
+spaces nsr^(1/7) evenly (Karras et al. 2022, eq. 5) and evaluates the network at the nearest timesteps. As in
+diffusers, keys a scheduler_config.json leaves out take the solver's own defaults (PNDM_DEFAULTS, DPM_DEFAULTS):
+on SD 1.5's file, which names no timestep_spacing, DPM-Solver++ spaces 'linspace'.
 
 Both match diffusers' PNDMScheduler / DPMSolverMultistepScheduler trajectories (tests/fixtures/diffusion).
 """
@@ -48,9 +50,8 @@ DPM_DEFAULTS = dict(timestep_spacing="linspace", use_karras_sigmas=False)
 def pndm_transfer(eps, z_t, alpha_bar_t, alpha_bar_s):
     """PNDM's transfer z_t -> z_s for a given eps (Liu et al. 2022, eq. 9; DDIM's eta = 0 step in other words):
 
-        z_s = sqrt(alpha_bar_s / alpha_bar_t) z_t
-              - (alpha_bar_s - alpha_bar_t) / (alpha_bar_t sqrt(1 - alpha_bar_s) + sqrt(alpha_bar_t (1 - alpha_bar_t)
-                                                                                         alpha_bar_s)) eps
+        z_s = sqrt(alpha_bar_s / alpha_bar_t) z_t - (alpha_bar_s - alpha_bar_t) / d eps
+        d   = alpha_bar_t sqrt(1 - alpha_bar_s) + sqrt(alpha_bar_t (1 - alpha_bar_t) alpha_bar_s)
     eps, z_t: [B, C, H, W]; alpha_bar_*: 0-d tensors (alpha_bar_s = 1 or alpha_bar_0 past the last step).
     """
     # BEGIN ASSIGN 3.6
@@ -84,13 +85,14 @@ def sample_pndm(denoise_fn, schedule, z_T, num_steps, progress=False):
     1.x) a Heun step, then PLMS (diffusers' PNDMScheduler). The grid is timesteps(schedule, num_steps), a step
     count: the multistep formulas assume evenly spaced steps, so timestep lists are refused (diffusers has none
     either). Each network output (eps, or v for v_prediction) is combined first and turned into eps at the step's
-    start (z_t, t), as diffusers does. No clipping or thresholding: PNDM has none.
+    start (z_t, t), as diffusers does. No clipping or thresholding: PNDM has none. Runge-Kutta's midpoint is
+    m = s + (t - s) // 2 (when t - s is odd diffusers moves the first half-step to t - (t - s) // 2, one step off).
     """
     cfg = schedule.defaults_for(PNDM_DEFAULTS)
     if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
         raise ValueError(f"scheduler config: prediction_type = '{cfg['prediction_type']}' is not supported by pndm; "
                          "it needs 'epsilon' or 'v_prediction' (use ddim or dpmpp-2m)")
-    if not isinstance(num_steps, int):
+    if isinstance(num_steps, (str, list, tuple, torch.Tensor)):
         raise ValueError("pndm takes a step count, not a timestep list (PLMS assumes an even grid); "
                          "use ancestral, ddim or dpmpp-2m with a list")
     skip_prk = cfg["skip_prk_steps"]
@@ -162,7 +164,7 @@ def dpm_grid(schedule, num_steps):
     alpha_bar = schedule.alphas_cumprod
     table = ((1 - alpha_bar) / alpha_bar) ** 0.5  # [T] float32, nsr at each training step
     karras = cfg["use_karras_sigmas"]
-    if not isinstance(num_steps, int):
+    if isinstance(num_steps, (str, list, tuple, torch.Tensor)):  # a timestep list or an IF grid name
         if karras:
             raise ValueError("scheduler config: use_karras_sigmas = true lays out its own grid and cannot take a "
                              "timestep list; set it to false or pass a step count")

@@ -167,7 +167,8 @@ def solver_run(name, cls, config, steps, shape, learned):
     assert len(states) == len(grid) + 1, f"{name}: {len(states)} states for {len(grid)} grid points"
     info = dict(config=config, sampler="pndm" if cls is PNDMScheduler else "dpmpp-2m", steps=steps,
                 shape=list(shape), learned_variance=learned, prediction_type=pred, seed=SEED + 20,
-                timesteps=[int(t) for t in grid], scheduler_config=dict(sched.config))
+                timesteps=[int(t) for t in grid],  # the config diffusers ran (its defaults-used list sorted)
+                scheduler_config={k: sorted(v) if k == "_use_default_values" else v for k, v in sched.config.items()})
     if cls is DPMSolverMultistepScheduler:
         info["sigmas"] = sched.sigmas.tolist()
     return info, {f"{name}.z": torch.stack(states).contiguous()}

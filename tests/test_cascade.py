@@ -159,6 +159,17 @@ def test_latent_path_matches_stable_diffusion_pipeline(pipes, sampler):
           f"SD latent path ({sampler}): latents at 1/{pipes['vae'].downscale} res, decode(z_0 / scale)")
 
 
+def test_stages_take_a_timestep_list_like_the_if_pipeline(pipes):
+    """timesteps=[...] as IFPipeline(timesteps=...): the grid of num_steps given as a list gives the same image."""
+    from tinybooth.samplers import timesteps
+    run, ref = pipes["meta"]["if1_ancestral"], pipes["ref"]
+    grid = timesteps(pipes["if1_sched"], run["num_inference_steps"]).tolist()
+    x = cascade.sample_base(pipes["if1"], pipes["if1_sched"], ref["c"], ref["c_uncond"],
+                            guidance=run["guidance_scale"], sampler="ancestral", timesteps=grid,
+                            generator=torch.Generator().manual_seed(run["seed"]))
+    close(x, ref["if1_ancestral"], f"IF stage I with timesteps={grid}")
+
+
 def test_guidance_one_is_the_conditional_prediction(pipes):
     ref, unet = pipes["ref"], pipes["if1"]
     z, t = torch.randn(2, 3, 8, 8), torch.tensor([500, 500])

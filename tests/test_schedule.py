@@ -82,6 +82,7 @@ def test_trained_betas_are_used_verbatim_and_save_pretrained_round_trips(tmp_pat
 @pytest.mark.parametrize("bad, field", [({"beta_schedule": "sigmoid"}, "beta_schedule"),
                                         ({"prediction_type": "x0"}, "prediction_type"),
                                         ({"variance_type": "learned"}, "variance_type"),
+                                        ({"variance_type": "fixed_small_log"}, "variance_type"),
                                         ({"timestep_spacing": "karras"}, "timestep_spacing"),
                                         ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
                                         ({"trained_betas": [0.1, 0.2]}, "trained_betas")])
@@ -197,3 +198,12 @@ def test_schedule_tensors_stay_on_cpu_when_built_under_the_meta_device():
         s = DiscreteSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
     assert s.alphas_cumprod.device.type == "cpu", f"alphas_cumprod landed on {s.alphas_cumprod.device}"
     assert_close(s.alphas_cumprod, SCHEDULES["squaredcos_cap_v2.alphas_cumprod"], 1e-6, "alphas_cumprod under meta")
+
+
+def test_keys_the_file_left_out_take_the_running_schedulers_defaults():
+    """As diffusers' Scheduler.from_config(pipe.scheduler.config): SD 1.5's file sets no timestep_spacing, so
+    DPM-Solver++ spaces 'linspace' (its default) while DDPM/DDIM/PNDM space 'leading'."""
+    sd = DiscreteSchedule.from_pretrained(DIFFUSION / "sd15" / "scheduler")
+    assert "timestep_spacing" not in sd.given and sd.config["timestep_spacing"] == "leading"
+    assert sd.defaults_for({"timestep_spacing": "linspace"})["timestep_spacing"] == "linspace"
+    assert sd.defaults_for({"set_alpha_to_one": True})["set_alpha_to_one"] is False, "a key the file sets stays"

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import text
-from .samplers import classifier_free_guidance, sample
+from .samplers import classifier_free_guidance, custom_timesteps, sample
 
 IF_NOISE_LEVEL = 250  # IF stage II's default augmentation step (of 1000), diffusers' IFSuperResolutionPipeline
 
@@ -258,37 +258,44 @@ def image_size(unet):
 
 
 def run_stage(unet, schedule, z_T, c, c_uncond, guidance, num_steps, sampler, eta, generator, desc, progress,
-              **condition):
+              timesteps=None, **condition):
     """z_T [B, C, H, W] -> z_0 on the U-Net's device: tinybooth.samplers.sample around guided_denoiser, with a
-    progress bar named desc. condition: extra_input / noise_level of guided_denoiser (stage II)."""
+    progress bar named desc. timesteps (a list of steps or a name of samplers.IF_TIMESTEPS such as "smart27")
+    replaces num_steps' grid. condition: extra_input / noise_level of guided_denoiser (stage II)."""
     device = next(unet.parameters()).device
-    with tqdm(total=num_steps, desc=desc, leave=False, disable=not progress) as bar:
+    if timesteps is not None:
+        num_steps = None
+    # one U-Net call per grid point, except PNDM's warm-up (a bar without a total)
+    total = None if sampler == "pndm" else num_steps or len(custom_timesteps(timesteps, schedule.num_train_timesteps))
+    with tqdm(total=total, desc=desc, leave=False, disable=not progress) as bar:
         denoise = guided_denoiser(unet, c, c_uncond, guidance, z_T.shape[1], bar=bar, **condition)
         return sample(denoise, schedule, tuple(z_T.shape), num_steps, sampler=sampler, eta=eta, generator=generator,
-                      z_T=z_T.to(device))
+                      z_T=z_T.to(device), timesteps=timesteps)
 
 
 def sample_base(unet, schedule, c, c_uncond, guidance=7.0, num_steps=100, sampler="ancestral", eta=0.0,
-                generator=None, progress=False):
+                generator=None, progress=False, timesteps=None):
     """IF stage I: text -> image [B, 3, s, s] in [-1, 1] (s = the U-Net's sample_size, 64 for IF).
 
     z_T ~ N(0, I) is drawn first from generator (on the CPU, so a seed gives the same images on any device), then
-    the sampler's noise, in the order of diffusers' IFPipeline.
+    the sampler's noise, in the order of diffusers' IFPipeline. sampler: one of samplers.SAMPLERS; timesteps: a
+    list or an IF grid name ("fast27", "smart27", ...) instead of num_steps, as IFPipeline(timesteps=...).
     """
     size = image_size(unet)
     z_T = torch.randn(c.shape[0], unet.config["in_channels"], *size, generator=generator)   # [B, 3, s, s]
     return run_stage(unet, schedule, z_T, c, c_uncond, guidance, num_steps, sampler, eta, generator,
-                     f"stage I ({size[0]} px)", progress)
+                     f"stage I ({size[0]} px)", progress, timesteps=timesteps)
 
 
 def sample_super_resolution(unet, schedule, noising_schedule, x_low, c, c_uncond, noise_level=IF_NOISE_LEVEL,
                             guidance=4.0, num_steps=50, sampler="ancestral", eta=0.0, generator=None,
-                            progress=False):
+                            progress=False, timesteps=None):
     """IF stage II: low-res image x_low [B, 3, h, w] + text -> [B, 3, S, S] (S = the SR U-Net's sample_size).
 
     x_up = upsample(x_low, S); z_aug = noise_augment(x_up, noise_level); each step the U-Net sees
     concat(z_t, z_aug) (6 channels) and noise_level. Draw order as diffusers' IFSuperResolutionPipeline: z_T,
-    the augmentation noise, then the sampler's noise.
+    the augmentation noise, then the sampler's noise. timesteps: a list or a grid name ("smart27", "super27",
+    ...) instead of num_steps.
     """
     C = unet.config["in_channels"] // 2                                        # 6 = z_t (3) + z_aug (3)
     size = image_size(unet)
@@ -297,17 +304,19 @@ def sample_super_resolution(unet, schedule, noising_schedule, x_low, c, c_uncond
     z_aug, level = noise_augment(x_up, noise_level, noising_schedule, generator=generator)
     device = next(unet.parameters()).device
     return run_stage(unet, schedule, z_T, c, c_uncond, guidance, num_steps, sampler, eta, generator,
-                     f"stage II ({size[0]} px, noise level {noise_level})", progress,
+                     f"stage II ({size[0]} px, noise level {noise_level})", progress, timesteps=timesteps,
                      extra_input=z_aug.to(device), noise_level=level)
 
 
 def sample_latent(unet, vae, schedule, c, c_uncond, guidance=7.5, num_steps=50, sampler="ddim", eta=0.0,
-                  generator=None, progress=False):
-    """Stable Diffusion: text -> latents z_0 [B, 4, s, s] -> images D(z_0 / scale) [B, 3, 8s, 8s] in [-1, 1]."""
+                  generator=None, progress=False, timesteps=None):
+    """Stable Diffusion: text -> latents z_0 [B, 4, s, s] -> images D(z_0 / scale) [B, 3, 8s, 8s] in [-1, 1].
+
+    sampler: one of samplers.SAMPLERS (SD 1.x's config names "pndm"); timesteps: a list instead of num_steps."""
     size = image_size(unet)
     z_T = torch.randn(c.shape[0], unet.config["in_channels"], *size, generator=generator)    # [B, 4, s, s]
     z_0 = run_stage(unet, schedule, z_T, c, c_uncond, guidance, num_steps, sampler, eta, generator,
-                    f"latents ({size[0]}x{size[1]}, 1/{vae.downscale} of the image)", progress)
+                    f"latents ({size[0]}x{size[1]}, 1/{vae.downscale} of the image)", progress, timesteps=timesteps)
     vae_param = next(vae.parameters())
     with torch.no_grad():
         return vae.images_from_latents(z_0.to(vae_param.device, vae_param.dtype)).float()

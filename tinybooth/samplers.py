@@ -6,49 +6,110 @@ With alpha_bar_t, alpha_bar_s from the schedule, the network's output gives (x_h
 predict_x_and_eps), x_hat is optionally clipped or dynamically thresholded, and then:
 
 DDPM ancestral step (Ho et al. 2020), a draw from the posterior q(z_s | z_t, x = x_hat):
-    beta = 1 - alpha_bar_t / alpha_bar_s                             (the step's beta, from alpha_bar ratios)
-    mean = sqrt(alpha_bar_s) beta / (1 - alpha_bar_t) x_hat + sqrt(1 - beta) (1 - alpha_bar_s) / (1 - alpha_bar_t) z_t
+    alpha = alpha_bar_t / alpha_bar_s,  beta = 1 - alpha            (the step's alpha and beta, from alpha_bar ratios)
+    mean = sqrt(alpha_bar_s) beta / (1 - alpha_bar_t) x_hat + sqrt(alpha) (1 - alpha_bar_s) / (1 - alpha_bar_t) z_t
     var  = (1 - alpha_bar_s) / (1 - alpha_bar_t) beta    ("fixed_small", the true posterior variance)
          | beta                                          ("fixed_large")
          | exp(frac log beta + (1 - frac) log var_small), frac = (v + 1) / 2, v in [-1, 1] the network's second
            half of channels                             ("learned_range", Nichol & Dhariwal 2021; IF's 6 channels)
-    z_s  = mean + sqrt(var) noise   (no noise on the last step, s = -1)
+    z_s  = mean + sqrt(var) noise   (no noise at t = 0, DDPM's Algorithm 2)
 
 DDIM step (Song et al. 2021), deterministic for eta = 0:
     sigma_eta^2 = eta^2 (1 - alpha_bar_s) / (1 - alpha_bar_t) (1 - alpha_bar_t / alpha_bar_s)
     z_s = sqrt(alpha_bar_s) x_hat + sqrt(1 - alpha_bar_s - sigma_eta^2) eps_hat + sigma_eta noise
 
-Both match diffusers' DDPMScheduler / DDIMScheduler step for step (tests/fixtures/diffusion). Every function is
-pure: randomness comes from `noise=` or `generator=`.
+The multistep ODE solvers PNDM/PLMS and DPM-Solver++ (2M) live in tinybooth/solvers.py; `sample` runs all four.
+All match diffusers' DDPMScheduler / DDIMScheduler / PNDMScheduler / DPMSolverMultistepScheduler step for step
+(tests/fixtures/diffusion; for DDIM and PNDM whole runs agree on 'leading' grids, see `sample`). Every step
+function is pure: randomness comes from `noise=` or `generator=`.
 """
 import torch
 
 from .schedule import predict_x_and_eps
 
 
-def timesteps(schedule, num_steps, spacing=None):
-    """The N = num_steps sampling timesteps, descending, as a LongTensor [N] (diffusers' set_timesteps).
+SAMPLERS = ("ancestral", "ddim", "pndm", "dpmpp-2m")
+# the sampler each public scheduler class runs (scheduler_config.json's _class_name)
+SCHEDULER_SAMPLERS = {"DDPMScheduler": "ancestral", "DDIMScheduler": "ddim", "PNDMScheduler": "pndm",
+                      "DPMSolverMultistepScheduler": "dpmpp-2m"}
 
-    spacing (default: schedule.config["timestep_spacing"]), with T = num_train_timesteps:
-        leading   0, k, 2k, ..., (N-1)k with k = T // N, reversed, plus config steps_offset (SD 1.x: 1)
-        trailing  round(T, T - T/N, ..., T/N) - 1          (ends exactly at T - 1, the noisiest step)
-        linspace  round(linspace(0, T - 1, N)), reversed
+
+def sampler_from_config(config):
+    """The sampler a scheduler_config.json names, from its _class_name: DDPMScheduler -> "ancestral",
+    DDIMScheduler -> "ddim", PNDMScheduler -> "pndm" (SD 1.x), DPMSolverMultistepScheduler -> "dpmpp-2m".
+
+    config: the json's dict (or a DiscreteSchedule's .config). Any other class is refused, never replaced.
+    """
+    name = config.get("_class_name")
+    if name not in SCHEDULER_SAMPLERS:
+        raise ValueError(f"scheduler config: _class_name = {name!r} is not a scheduler tinybooth implements "
+                         f"({', '.join(SCHEDULER_SAMPLERS)}); choose a sampler from {SAMPLERS} explicitly")
+    return SCHEDULER_SAMPLERS[name]
+
+
+def linspace(start, stop, num):
+    """numpy.linspace(start, stop, num) bit for bit, as a float64 tensor: start + i (stop - start) / (num - 1).
+
+    torch.linspace computes the second half from the end, so its values can sit on the other side of a .5 tie
+    and round to another integer (T = 1000, N = 27: 500 instead of 499); the public schedulers use numpy's.
+    """
+    values = torch.arange(num, dtype=torch.float64, device="cpu")
+    if num == 1:
+        return values + start
+    values = values * ((stop - start) / (num - 1)) + start  # [num]
+    values[-1] = stop
+    return values
+
+
+def timesteps(schedule, num_steps, spacing=None):
+    """The sampling timesteps tau_N > ... > tau_1, descending, as a LongTensor [N] (diffusers' set_timesteps).
+
+    num_steps is one of
+        an int N, laid out by `spacing` (default: schedule.config["timestep_spacing"]), with T = num_train_timesteps:
+            leading   0, k, 2k, ..., (N-1)k with k = T // N, reversed, plus config steps_offset (SD 1.x: 1)
+            trailing  round(T, T - T/N, ..., T/N) - 1          (ends exactly at T - 1, the noisiest step)
+            linspace  round(linspace(0, T - 1, N)), reversed   (numpy's linspace and rounding, half to even)
+        a list of training steps, strictly descending in 0..T-1 (diffusers' pipelines' `timesteps=[...]`)
+        the name of one of DeepFloyd IF's tuned grids in IF_TIMESTEPS, e.g. "smart27"
     """
     T = schedule.num_train_timesteps
+    if isinstance(num_steps, (str, list, tuple, torch.Tensor)):
+        return custom_timesteps(num_steps, T)
     spacing = spacing or schedule.config["timestep_spacing"]
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps = {num_steps} must lie in 1..{T} (num_train_timesteps)")
     # BEGIN ASSIGN 3.5
-    # HINT: leading: arange(N) * (T // N) + steps_offset, reversed; trailing: round(arange(T, 0, -T / N)) - 1; linspace: round(linspace(0, T - 1, N)), reversed (float64 before rounding)
+    # HINT: leading: arange(N) * (T // N) + steps_offset, reversed; trailing: round(arange(T, 0, -T / N)) - 1; linspace: round(linspace(0, T - 1, N)) with this module's numpy-exact linspace, reversed
     if spacing == "leading":
         ts = torch.arange(num_steps, dtype=torch.long) * (T // num_steps) + schedule.config["steps_offset"]
         return ts.flip(0)
     if spacing == "trailing":
         return torch.round(torch.arange(T, 0, -T / num_steps, dtype=torch.float64)).long() - 1
     if spacing == "linspace":
-        return torch.round(torch.linspace(0, T - 1, num_steps, dtype=torch.float64)).long().flip(0)
+        return torch.round(linspace(0, T - 1, num_steps)).long().flip(0)
     # END ASSIGN 3.5
     raise ValueError(f"timestep_spacing '{spacing}' is not supported; use 'leading', 'trailing' or 'linspace'")
+
+
+_timesteps = timesteps  # sample() has a `timesteps` argument that hides this function's name
+
+
+def custom_timesteps(steps, num_train_timesteps):
+    """A user's grid as a LongTensor [N]: a list (or 1-d tensor) of training steps or a name in IF_TIMESTEPS,
+    checked to be strictly descending within 0..T-1."""
+    if isinstance(steps, str):
+        if steps not in IF_TIMESTEPS:
+            raise ValueError(f"timesteps '{steps}' is not a named grid; use a list of steps or one of "
+                             f"{', '.join(IF_TIMESTEPS)}")
+        steps = IF_TIMESTEPS[steps]
+    ts = torch.as_tensor(steps, device="cpu")
+    if ts.ndim != 1 or len(ts) == 0 or ts.is_floating_point() or ts.dtype == torch.bool:
+        raise ValueError(f"timesteps {steps!r} must be a non-empty list of integer training steps")
+    ts = ts.long()
+    if ts.min() < 0 or ts.max() >= num_train_timesteps or (ts[1:] >= ts[:-1]).any():
+        raise ValueError(f"timesteps must be strictly descending within 0..{num_train_timesteps - 1}, "
+                         f"got {ts.tolist()}")
+    return ts
 
 
 def dynamic_threshold(x0, ratio, max_value):
@@ -136,15 +197,17 @@ def ddim_step(model_out, t, t_prev, z_t, schedule, eta=0.0, noise=None, generato
 def ancestral_step(model_out, t, t_prev, z_t, schedule, noise=None, generator=None):
     """One DDPM ancestral step z_t -> z_{t_prev}: a draw from q(z_s | z_t, x = x_hat) (Ho et al. 2020, eq. 6-7).
 
-    With beta = 1 - alpha_bar_t / alpha_bar_s (alpha_bar_{-1} = 1), computed from alpha_bar ratios so that any grid
-    of timesteps works:
+    With alpha = alpha_bar_t / alpha_bar_s (alpha_bar_{-1} = 1) and beta = 1 - alpha, from alpha_bar ratios so
+    that any grid of timesteps works:
         mean = sqrt(alpha_bar_s) beta / (1 - alpha_bar_t) x_hat
-             + sqrt(1 - beta) (1 - alpha_bar_s) / (1 - alpha_bar_t) z_t
+             + sqrt(alpha) (1 - alpha_bar_s) / (1 - alpha_bar_t) z_t
         var  = fixed_small: (1 - alpha_bar_s) / (1 - alpha_bar_t) beta (clamped to >= 1e-20); fixed_large: beta;
                learned_range: exp(frac log beta + (1 - frac) log var_small), frac = (v + 1) / 2
-        z_s  = mean + sqrt(var) noise, with no noise on the last step (t_prev = -1: alpha_bar_s = 1, var_small = 0)
-    (diffusers adds noise whenever t > 0, so a grid ending at t = 1 (steps_offset 1) gets sqrt(1e-20) noise there;
-    the difference is below 1e-9 for the public configs.)
+        z_s  = mean + sqrt(var) noise, with no noise only at t = 0
+    sqrt(alpha) is taken from the ratio itself: 1 - (1 - ratio) loses digits when alpha_bar_t is tiny (cosine,
+    t = 999). Noise is added whenever t > 0, as in DDPM's Algorithm 2 and diffusers, also on the last step of a
+    grid that ends above 0 (trailing spacing, steps_offset 1): there fixed_large adds sqrt(beta) noise although
+    the true posterior (var_small = 0) is a point mass; fixed_small adds sqrt(1e-20).
     The variance type, prediction type and clipping/thresholding come from schedule.config. model_out:
     [B, C, H, W], or [B, 2C, H, W] = (prediction, v) for learned_range (IF); z_t and noise: [B, C, H, W].
     """
@@ -156,11 +219,12 @@ def ancestral_step(model_out, t, t_prev, z_t, schedule, noise=None, generator=No
     alpha_bar_t, alpha_bar_s = _alpha_bars(schedule, t, t_prev, 1.0, z_t.device)
     x_hat, _ = _x_and_eps(model_out, z_t, alpha_bar_t, cfg)
     # BEGIN ASSIGN 3.2
-    # HINT: the docstring's mean and var with beta = 1 - alpha_bar_t / alpha_bar_s; var_small clamped to >= 1e-20; return the mean alone on the last step (t_prev < 0)
-    beta = 1 - alpha_bar_t / alpha_bar_s
+    # HINT: the docstring's mean and var with alpha = alpha_bar_t / alpha_bar_s, beta = 1 - alpha; var_small clamped to >= 1e-20; return the mean alone when t == 0
+    alpha = alpha_bar_t / alpha_bar_s
+    beta = 1 - alpha
     mean = (alpha_bar_s ** 0.5 * beta / (1 - alpha_bar_t)) * x_hat \
-        + ((1 - beta) ** 0.5 * (1 - alpha_bar_s) / (1 - alpha_bar_t)) * z_t
-    if int(t_prev) < 0:  # the last step: q(x | z_t, x_hat) is a point mass, no noise
+        + (alpha ** 0.5 * (1 - alpha_bar_s) / (1 - alpha_bar_t)) * z_t
+    if int(t) == 0:  # the clean image: no noise
         return mean
     var_small = ((1 - alpha_bar_s) / (1 - alpha_bar_t) * beta).clamp(min=1e-20)  # the true posterior variance
     if cfg["variance_type"] == "fixed_small":
@@ -174,26 +238,44 @@ def ancestral_step(model_out, t, t_prev, z_t, schedule, noise=None, generator=No
     # END ASSIGN 3.2
 
 
-def sample(denoise_fn, schedule, shape, num_steps, sampler="ddim", eta=0.0, generator=None, z_T=None,
-           progress=False, device=None, dtype=None, return_trajectory=False):
-    """Generate: z_T ~ N(0, I), then `num_steps` sampler steps on the grid `timesteps(schedule, num_steps)`.
+def sample(denoise_fn, schedule, shape, num_steps=None, sampler="ddim", eta=0.0, generator=None, z_T=None,
+           progress=False, device=None, dtype=None, return_trajectory=False, timesteps=None):
+    """Generate: z_T ~ N(0, I), then one sampler step per grid point, down to the clean sample z_0.
 
     denoise_fn(z_t [B, C, H, W], t LongTensor [B]) -> model_out (wrap classifier-free guidance inside it).
-    sampler: "ddim" (with eta) or "ancestral". Each step goes to the next grid point (-1 after the last). Noise is
-    drawn from `generator` in the same order as diffusers' pipelines (z_T first, then one draw per stochastic step),
-    so a seeded run reproduces theirs. (diffusers' DDIMScheduler steps by T // N instead of to the next grid point;
-    the two agree except on 'linspace' grids and 'trailing' grids with N not dividing T.)
-    Returns z_0 [shape], or (z_0, trajectory [N + 1, *shape]) with return_trajectory.
+    The grid: `timesteps(schedule, num_steps)` for a step count, or `timesteps=` a list of training steps or a
+    name of IF_TIMESTEPS ("smart27"), as diffusers' pipelines take them; give one of the two.
+    sampler: "ancestral" (DDPM), "ddim" (with eta), "pndm" (PRK warm-up unless the config's skip_prk_steps, then
+    PLMS) or "dpmpp-2m" (DPM-Solver++ 2M; the config's use_karras_sigmas lays out its own grid). Noise is drawn
+    from `generator` in the same order as diffusers' pipelines (z_T first, then one draw per stochastic step), so
+    a seeded run reproduces theirs. Each step goes to the next grid point (-1 after the last). (diffusers'
+    DDIMScheduler and PNDMScheduler step by T // N instead: the two agree on 'leading' grids, SD's, and on
+    'trailing' grids with N dividing T.)
+    Returns z_0 [shape], or (z_0, trajectory [N + 1, *shape], the state at each grid point) with return_trajectory.
     """
-    if sampler not in ("ddim", "ancestral"):
-        raise ValueError(f"sampler '{sampler}' is not supported; use 'ddim' or 'ancestral'")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler '{sampler}' is not supported; use one of {SAMPLERS}")
+    if (num_steps is None) == (timesteps is None):
+        raise ValueError("give either num_steps (a step count) or timesteps (a list or a grid name), not both")
+    steps = num_steps if timesteps is None else timesteps
     if z_T is None:
         gen_device = generator.device if generator is not None else device
         z_T = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
         z_T = z_T.to(device) if device is not None else z_T
-    ts = timesteps(schedule, num_steps).tolist()
+    if sampler in ("pndm", "dpmpp-2m"):
+        from . import solvers  # solvers.py builds on this module
+        solve = solvers.sample_pndm if sampler == "pndm" else solvers.sample_dpmpp_2m
+        trajectory = solve(denoise_fn, schedule, z_T, steps, progress=progress)
+    else:
+        trajectory = _sample_one_step(denoise_fn, schedule, z_T, steps, sampler, eta, generator, progress)
+    return (trajectory[-1], torch.stack(trajectory)) if return_trajectory else trajectory[-1]
+
+
+def _sample_one_step(denoise_fn, schedule, z_T, steps, sampler, eta, generator, progress):
+    """[z_T, z at each grid point]: the ancestral or DDIM loop, each step from t to the next grid point."""
+    ts = _timesteps(schedule, steps).tolist()
     z, trajectory = z_T, [z_T]
-    for i, t in enumerate(_progress(ts, progress)):
+    for i, t in enumerate(progress_bar(ts, progress)):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         with torch.no_grad():
             model_out = denoise_fn(z, torch.full((z.shape[0],), t, dtype=torch.long, device=z.device))
@@ -202,11 +284,66 @@ def sample(denoise_fn, schedule, shape, num_steps, sampler="ddim", eta=0.0, gene
         else:
             z = ancestral_step(model_out, t, t_prev, z, schedule, generator=generator)
         trajectory.append(z)
-    return (z, torch.stack(trajectory)) if return_trajectory else z
+    return trajectory
 
 
-def _progress(items, show):
+def progress_bar(items, show):
+    """items, wrapped in a tqdm bar when show."""
     if not show:
         return items
     from tqdm.auto import tqdm
     return tqdm(items, desc="sampling")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepFloyd IF's tuned grids (diffusers' pipelines/deepfloyd_if/timesteps.py), passed to its pipelines as
+# timesteps=...: fast27, smart27, smart50, smart100, smart185 for stage I; smart27, super27, super40, super100
+# for stage II (super*: dense at the noisy end, where the SR model does its work).
+IF_TIMESTEPS = {
+    "fast27": [
+        999, 800, 799, 600, 599, 500, 400, 399, 377, 355, 333, 311, 288, 266, 244, 222, 200, 199, 177, 155, 133, 111,
+        88, 66, 44, 22, 0
+    ],
+    "smart27": [
+        999, 976, 952, 928, 905, 882, 858, 857, 810, 762, 715, 714, 572, 429, 428, 286, 285, 238, 190, 143, 142, 118,
+        95, 71, 47, 24, 0
+    ],
+    "smart50": [
+        999, 988, 977, 966, 955, 944, 933, 922, 911, 900, 899, 879, 859, 840, 820, 800, 799, 766, 733, 700, 699, 650,
+        600, 599, 500, 499, 400, 399, 350, 300, 299, 266, 233, 200, 199, 179, 159, 140, 120, 100, 99, 88, 77, 66, 55,
+        44, 33, 22, 11, 0
+    ],
+    "smart100": [
+        999, 995, 992, 989, 985, 981, 978, 975, 971, 967, 964, 961, 957, 956, 951, 947, 942, 937, 933, 928, 923, 919,
+        914, 913, 908, 903, 897, 892, 887, 881, 876, 871, 870, 864, 858, 852, 846, 840, 834, 828, 827, 820, 813, 806,
+        799, 792, 785, 784, 777, 770, 763, 756, 749, 742, 741, 733, 724, 716, 707, 699, 698, 688, 677, 666, 656, 655,
+        645, 634, 623, 613, 612, 598, 584, 570, 569, 555, 541, 527, 526, 505, 484, 483, 462, 440, 439, 396, 395, 352,
+        351, 308, 307, 264, 263, 220, 219, 176, 132, 88, 44, 0
+    ],
+    "smart185": [
+        999, 997, 995, 992, 990, 988, 986, 984, 981, 979, 977, 975, 972, 970, 968, 966, 964, 961, 959, 957, 956, 954,
+        951, 949, 946, 944, 941, 939, 936, 934, 931, 929, 926, 924, 921, 919, 916, 914, 913, 910, 907, 905, 902, 899,
+        896, 893, 891, 888, 885, 882, 879, 877, 874, 871, 870, 867, 864, 861, 858, 855, 852, 849, 846, 843, 840, 837,
+        834, 831, 828, 827, 824, 821, 817, 814, 811, 808, 804, 801, 798, 795, 791, 788, 785, 784, 780, 777, 774, 770,
+        766, 763, 760, 756, 752, 749, 746, 742, 741, 737, 733, 730, 726, 722, 718, 714, 710, 707, 703, 699, 698, 694,
+        690, 685, 681, 677, 673, 669, 664, 660, 656, 655, 650, 646, 641, 636, 632, 627, 622, 618, 613, 612, 607, 602,
+        596, 591, 586, 580, 575, 570, 569, 563, 557, 551, 545, 539, 533, 527, 526, 519, 512, 505, 498, 491, 484, 483,
+        474, 466, 457, 449, 440, 439, 428, 418, 407, 396, 395, 381, 366, 352, 351, 330, 308, 307, 286, 264, 263, 242,
+        220, 219, 176, 175, 132, 131, 88, 44, 0
+    ],
+    "super27": [
+        999, 991, 982, 974, 966, 958, 950, 941, 933, 925, 916, 908, 900, 899, 874, 850, 825, 800, 799, 700, 600, 500,
+        400, 300, 200, 100, 0
+    ],
+    "super40": [
+        999, 992, 985, 978, 971, 964, 957, 949, 942, 935, 928, 921, 914, 907, 900, 899, 879, 859, 840, 820, 800, 799,
+        766, 733, 700, 699, 650, 600, 599, 500, 499, 400, 399, 300, 299, 200, 199, 100, 99, 0
+    ],
+    "super100": [
+        999, 996, 992, 989, 985, 982, 979, 975, 972, 968, 965, 961, 958, 955, 951, 948, 944, 941, 938, 934, 931, 927,
+        924, 920, 917, 914, 910, 907, 903, 900, 899, 891, 884, 876, 869, 861, 853, 846, 838, 830, 823, 815, 808, 800,
+        799, 788, 777, 766, 755, 744, 733, 722, 711, 700, 699, 688, 677, 666, 655, 644, 633, 622, 611, 600, 599, 585,
+        571, 557, 542, 528, 514, 500, 499, 485, 471, 457, 442, 428, 414, 400, 399, 379, 359, 340, 320, 300, 299, 279,
+        259, 240, 220, 200, 199, 166, 133, 100, 99, 66, 33, 0
+    ],
+}

@@ -164,12 +164,16 @@ class DiscreteSchedule:
     betas, alphas (= 1 - betas), alphas_cumprod (= alpha_bar_t): float32 tensors [T] on the CPU.
     The betas come from beta_schedule, or verbatim from the config's trained_betas list when it has one.
     Samplers read the inference settings (variance_type, clip_sample, thresholding, ...) from `config`.
+    `given` names the keys the file itself set (all of config's by default): a key it left out takes the default
+    of the scheduler that runs, as in diffusers (DPM-Solver++ spaces its grid 'linspace', PNDM's alpha_bar after
+    the last step is alpha_bar_0; see defaults_for).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, given=None):
         # the tensors live on the CPU even inside `with torch.device("meta")` (where networks are built); samplers
         # move the few values they need to the data's device
         self.config = config
+        self.given = set(config) if given is None else set(given)
         self.num_train_timesteps = config["num_train_timesteps"]
         self.prediction_type = config["prediction_type"]
         if config["trained_betas"] is not None:  # betas listed in the file itself
@@ -187,7 +191,8 @@ class DiscreteSchedule:
         Keys that do not change the math of this module (e.g. _class_name, skip_prk_steps) are kept as they are;
         null values of known keys (e.g. "trained_betas": null) take the default.
         """
-        config = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None or k not in DEFAULTS}}
+        given = {k for k, v in config.items() if v is not None or k not in DEFAULTS}
+        config = {**DEFAULTS, **{k: config[k] for k in given}}
         if not (isinstance(config["num_train_timesteps"], int) and config["num_train_timesteps"] > 0):
             raise ValueError(f"scheduler config: num_train_timesteps = {config['num_train_timesteps']!r} "
                              "must be a positive integer")
@@ -200,7 +205,11 @@ class DiscreteSchedule:
                              f"num_train_timesteps = {config['num_train_timesteps']}; they must agree")
         if config["rescale_betas_zero_snr"]:
             raise ValueError("scheduler config: rescale_betas_zero_snr = true is not supported; set it to false")
-        return cls(config)
+        return cls(config, given)
+
+    def defaults_for(self, sampler_defaults):
+        """config with the keys the file left out taken from `sampler_defaults` (a scheduler's own defaults)."""
+        return {**self.config, **{k: v for k, v in sampler_defaults.items() if k not in self.given}}
 
     @classmethod
     def from_pretrained(cls, path):

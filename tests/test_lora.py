@@ -253,3 +253,29 @@ def test_save_lora_writes_the_files_diffusers_loaded(lora_fx, case, tmp_path):
         f"loading tinybooth's file warned {rec['warnings']}, beyond what diffusers' own file of the same adapters does"
     if case == "sd":  # U-Net + CLIP adapters: not a single warning
         assert rec["warnings"] == [], rec["warnings"]
+
+
+def test_kohya_export_has_the_names_and_outputs_diffusers_read(lora_fx, tmp_path):
+    """lora_unet_<path with _>.lora_down/.lora_up/.alpha, as A1111 and ComfyUI read them; diffusers' kohya converter
+    loaded the fixture's file to the same outputs as the pipeline file (alpha = lora_alpha, not r)."""
+    root, want, meta = lora_fx
+    rec = meta["sd_kohya"]
+    assert rec["keys_as_diffusers_convert_state_dict_to_kohya"] and rec["warnings"] == []
+    assert rec["max_diff_to_pipeline_file"] < 1e-6
+    models = lora.load_lora(root / "lora" / "sd", _base_models(root, "sd"))
+    file = lora.save_kohya_lora(tmp_path / "kohya.safetensors", models)
+    with safe_open(str(file), framework="pt") as f, safe_open(str(root / "lora" / "sd_kohya.safetensors"), "pt") as g:
+        assert sorted(f.keys()) == sorted(g.keys()), "kohya key names differ from the file diffusers loaded"
+        for k in g.keys():
+            assert torch.equal(f.get_tensor(k), g.get_tensor(k)), f"{k} differs from the file diffusers loaded"
+        assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in g.keys()
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in g.keys()
+        assert g.get_tensor("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha").item() == \
+            meta["ranks"]["text_encoder"][1]
+    with torch.no_grad():
+        got = _outputs(models, "sd", want)
+    for part, ref in (("unet", "sd_kohya_unet_lora"), ("clip", "sd_kohya_clip_lora")):
+        assert (got[part] - want[ref]).abs().max() < meta["tolerance"], f"{part} differs from diffusers' kohya load"
+    with pytest.raises(ValueError, match="no kohya form"):
+        lora.save_kohya_lora(tmp_path / "t5.safetensors", lora.load_lora(root / "lora" / "if1",
+                                                                         _base_models(root, "if1")))

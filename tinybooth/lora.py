@@ -140,7 +140,9 @@ def lora_state_dict(model, prefix):
 def lora_config(model):
     """The fields of peft's LoraConfig that rebuild model's adapters: rank, alpha and the exact wrapped modules."""
     layers = lora_layers(model)
-    (rank, alpha), = {(m.rank, m.alpha) for m in layers.values()}  # add_lora gives every layer the same r, alpha
+    pairs = {(m.rank, m.alpha) for m in layers.values()}
+    assert len(pairs) == 1, f"one rank and alpha per model is saved, found (r, alpha) = {sorted(pairs)}"
+    (rank, alpha), = pairs
     return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(layers), "rank_pattern": {},
             "alpha_pattern": {}}
 
@@ -209,6 +211,8 @@ def read_lora_files(path):
             found[prefix] = (config, {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
     for config_file in sorted(path.glob(f"*/{PEFT_CONFIG}")) if path.is_dir() else []:
         config = json.loads(config_file.read_text())
+        if not (config_file.parent / PEFT_FILE).is_file():
+            raise ValueError(f"'{config_file}' has no {PEFT_FILE} beside it; save the adapters again")
         with safe_open(str(config_file.parent / PEFT_FILE), framework="pt") as f:
             found[config_file.parent.name] = (config, {k.removeprefix(PEFT_PREFIX): f.get_tensor(k) for k in f.keys()})
     if not found:
@@ -251,6 +255,27 @@ def _copy_adapters(model, state, name):
                 raise ValueError(f"{name}: {n}.lora_{ab}.weight is {tuple(t.shape)} in the file, "
                                  f"{tuple(p.shape)} in the model")
             p.data.copy_(t)
+
+
+def save_kohya_lora(file, models):
+    """The U-Net and CLIP adapters in the kohya-ss naming that A1111 and ComfyUI read (SD 1.x), one file:
+
+        lora_unet_<module path, '.' -> '_'>.lora_down.weight   A [r, in]
+        lora_unet_<...>.lora_up.weight                         B [out, r]
+        lora_unet_<...>.alpha                                  alpha (those tools scale by alpha / r)
+        lora_te_text_model_encoder_layers_<i>_self_attn_q_proj...   the CLIP text encoder alike
+    """
+    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    state = {}
+    for prefix, model in models.items():
+        if lora_layers(model) and not diffusers_reads(prefix, model):
+            raise ValueError(f"the {prefix} adapters (T5) have no kohya form; pass the U-Net and a CLIP text encoder")
+        for name, m in lora_layers(model).items():
+            key = f"{prefixes[prefix]}_{name.replace('.', '_')}"
+            state[f"{key}.lora_down.weight"] = m.lora_A.detach().float().cpu().contiguous()
+            state[f"{key}.lora_up.weight"] = m.lora_B.detach().float().cpu().contiguous()
+            state[f"{key}.alpha"] = torch.tensor(m.alpha)
+    return _save_atomic(lambda f: save_file(state, str(f), metadata={"format": "pt"}), Path(file))
 
 
 def merge_lora(model):

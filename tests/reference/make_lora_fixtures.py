@@ -15,6 +15,8 @@ and records the outputs on fixed inputs (before and after loading) and every war
 
 Writes tests/fixtures/lora/
     if1/, if2/, sd/        the files tinybooth wrote (what diffusers / peft loaded)
+    sd_kohya.safetensors   lora.save_kohya_lora of the sd adapters, loaded by StableDiffusionPipeline
+                           .load_lora_weights(file) through diffusers' kohya converter
     expected.safetensors   inputs, outputs of the base models and of the LoRA-loaded models
     meta.json              library versions, ranks, the keys and metadata diffusers saw, the warnings (none)
 """
@@ -142,6 +144,30 @@ def diffusers_own_file(pipe, parts, name):
     return {"warnings_loading_diffusers_own_file": caught, "same_as_diffusers_own_file": same}
 
 
+def kohya_case(parts, models, x, ids, out):
+    """tinybooth's kohya export (A1111 / ComfyUI naming) loaded into a fresh SD pipeline by diffusers' kohya
+    converter: the outputs must be the ones of the pipeline file; the key names are checked against diffusers'
+    own convert_state_dict_to_kohya (which names the text encoder lora_te1, SDXL's first, and sets alpha = r)."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    file = OUT / "sd_kohya.safetensors"
+    lora.save_kohya_lora(file, models)
+    fresh = dict(parts, unet=UNet2DConditionModel.from_pretrained(CASCADE / "sd" / "unet").eval(),
+                 text_encoder=CLIPTextModel.from_pretrained(TEXT / "clip_quick_gelu").eval())
+    pipe, caught = StableDiffusionPipeline(**fresh), []
+    with recorded_warnings(caught):
+        pipe.load_lora_weights(str(file))
+    out["sd_kohya_unet_lora"] = diffusers_unet(pipe.unet, x)
+    out["sd_kohya_clip_lora"] = pipe.text_encoder(ids).last_hidden_state
+    with safe_open(str(OUT / "sd" / LORA_FILE), framework="pt") as f:
+        peft_state = {k: f.get_tensor(k) for k in f.keys()}
+    theirs = {k.replace("lora_te1_", "lora_te_") for k in convert_state_dict_to_kohya(peft_state)}
+    with safe_open(str(file), framework="pt") as f:
+        ours = set(f.keys())
+    return {"warnings": caught, "keys_as_diffusers_convert_state_dict_to_kohya": sorted(theirs) == sorted(ours),
+            "max_diff_to_pipeline_file": max((out["sd_kohya_unet_lora"] - out["sd_unet_lora"]).abs().max().item(),
+                                             (out["sd_kohya_clip_lora"] - out["sd_clip_lora"]).abs().max().item())}
+
+
 def make_case(name, pipeline_cls, text_kind, out, meta):
     unet_dir = CASCADE / name / "unet"
     config = json.loads((unet_dir / "config.json").read_text())
@@ -160,7 +186,7 @@ def make_case(name, pipeline_cls, text_kind, out, meta):
         parts["image_noising_scheduler"] = DDPMScheduler.from_pretrained(CASCADE / name / "image_noising_scheduler")
     if name == "if1":  # as published: IF stage I carries its T5 (the U-Net never sees it here)
         parts["text_encoder"] = T5EncoderModel.from_pretrained(text_dir).eval()
-    if name == "sd":
+    if name == "sd":  # (models: tinybooth's, for the kohya export)
         parts = {k: v for k, v in parts.items() if k != "watermarker"}
         parts["vae"] = AutoencoderKL.from_pretrained(CASCADE / "sd" / "vae")
         parts["text_encoder"] = CLIPTextModel.from_pretrained(text_dir).eval()
@@ -175,6 +201,7 @@ def make_case(name, pipeline_cls, text_kind, out, meta):
     out[f"{name}_unet_lora"] = diffusers_unet(pipe.unet, x)
     if text_kind == "clip":
         out["sd_clip_lora"] = pipe.text_encoder(ids).last_hidden_state
+        meta["sd_kohya"] = kohya_case(parts, models, x, ids, out)
     if text_kind == "t5":
         t5 = T5EncoderModel.from_pretrained(text_dir).eval()
         ids = torch.tensor([[5, 17, 42, 1, 0, 0], [60, 3, 9, 11, 23, 1]])

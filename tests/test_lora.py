@@ -253,6 +253,8 @@ def test_save_lora_writes_the_files_diffusers_loaded(lora_fx, case, tmp_path):
         f"loading tinybooth's file warned {rec['warnings']}, beyond what diffusers' own file of the same adapters does"
     if case == "sd":  # U-Net + CLIP adapters: not a single warning
         assert rec["warnings"] == [], rec["warnings"]
+    # U-Net only, through the model's own loader: no warning, same output
+    assert rec["unet_load_lora_adapter"] == {"warnings": [], "max_diff_to_pipeline": 0.0}, rec["unet_load_lora_adapter"]
 
 
 def test_kohya_export_has_the_names_and_outputs_diffusers_read(lora_fx, tmp_path):

@@ -11,6 +11,9 @@ saves them with lora.save_lora. Then the public API loads tinybooth's files:
          pipe.text_encoder.load_adapter(dir/text_encoder)     the same through transformers (same output)
     if2  IFSuperResolutionPipeline.load_lora_weights(dir)     U-Net adapters of the SR stage
     sd   StableDiffusionPipeline.load_lora_weights(dir)       U-Net and CLIP text-encoder adapters
+    all  pipe.unet.load_lora_adapter(dir, prefix="unet", weight_name="pytorch_lora_weights.safetensors"): the U-Net
+         alone, with no warning (load_lora_weights warns "No LoRA keys associated to <text encoder>" for a file
+         with U-Net adapters only, as it does for diffusers' own save_lora_weights file of the same adapters)
 and records the outputs on fixed inputs (before and after loading) and every warning the libraries raised.
 
 Writes tests/fixtures/lora/
@@ -199,6 +202,11 @@ def make_case(name, pipeline_cls, text_kind, out, meta):
     with recorded_warnings(caught):
         pipe.load_lora_weights(str(OUT / name))
     out[f"{name}_unet_lora"] = diffusers_unet(pipe.unet, x)
+    # the U-Net alone, without the pipeline's text-encoder pass (which warns when the file has no text adapters)
+    unet_caught, unet_only = [], UNet2DConditionModel.from_pretrained(unet_dir).eval()
+    with recorded_warnings(unet_caught):
+        unet_only.load_lora_adapter(str(OUT / name), prefix="unet", weight_name=LORA_FILE)
+    unet_only_diff = (diffusers_unet(unet_only, x) - out[f"{name}_unet_lora"]).abs().max().item()
     if text_kind == "clip":
         out["sd_clip_lora"] = pipe.text_encoder(ids).last_hidden_state
         meta["sd_kohya"] = kohya_case(parts, models, x, ids, out)
@@ -217,6 +225,7 @@ def make_case(name, pipeline_cls, text_kind, out, meta):
         assert torch.allclose(again, out["if1_t5_lora"], atol=1e-6), "load_adapter and PeftModel disagree"
     meta[name] = {"pipeline": pipeline_cls.__name__, "text_encoder": text_kind, "files": file_record(OUT / name),
                   "warnings": caught, **diffusers_own_file(pipe, parts, name),
+                  "unet_load_lora_adapter": {"warnings": unet_caught, "max_diff_to_pipeline": unet_only_diff},
                   "lora_changes_unet_by": (out[f"{name}_unet_lora"] - out[f"{name}_unet_base"]).abs().max().item()}
     print(name, "warnings:", caught or "none", "| unet change", meta[name]["lora_changes_unet_by"],
           "| diffusers' own file warns:", meta[name]["warnings_loading_diffusers_own_file"] or "none",

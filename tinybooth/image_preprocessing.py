@@ -4,7 +4,8 @@ Preprocessing is part of each metric: DINO and CLIP-I compare embeddings of imag
 was trained to see them. The public folders say how in `preprocessor_config.json`, read by transformers' image
 processors; we follow the same steps with PIL, in the same order:
 
-    1. convert to RGB (transparent images composited on white, as transformers' convert_to_rgb does)
+    1. convert to RGB (transparent images composited on white, as transformers 5's convert_to_rgb does; 4.x
+       drops the alpha channel)
     2. resize   "size": {"shortest_edge": S}  shorter side -> S, longer -> int(S * long / short)   (CLIP, Bit)
                         {"height": H, "width": W}  squash to H x W                             (ViT, DINO)
                 with the PIL filter numbered by "resample" (0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box,

@@ -34,7 +34,8 @@ keeps its checkpoint's names, so a state dict loads one to one:
 
 Preprocessing is part of each metric: `from_pretrained` reads the folder's preprocessor_config.json (size, crop,
 resample, rescale, mean, std) and follows it as transformers' image processors do (tinybooth.image_preprocessing);
-without that file, CLIP uses CLIPImageProcessor's defaults and DINO facebook/dino-vits16's published settings.
+without that file, CLIP uses CLIPImageProcessor's defaults and DINO ViTImageProcessor's (squash, bilinear, mean =
+std = 0.5), both at the model's image_size.
 """
 from dataclasses import dataclass
 from pathlib import Path

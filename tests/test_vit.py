@@ -104,7 +104,7 @@ def test_preprocessing_at_published_224(fx):
     with torch.device("meta"):
         clip = CLIPVisionEncoder.from_config({"model_type": "clip"})  # every vision setting from the defaults
         dino = DINOEncoder.from_config(json.loads((root / "dino" / "config.json").read_text()) | {"image_size": 224})
-    assert clip.preprocess.size == 224 and dino.preprocess.size == 224
+    assert clip.preprocess.output_size == (224, 224) and dino.preprocess.output_size == (224, 224)
     assert_close(clip.preprocess(imgs)[:, :, ::7, ::7], want["clip_proc_224_strided"], "CLIP preprocessing at 224")
     assert_close(dino.preprocess(imgs)[:, :, ::7, ::7], want["dino_proc_224_strided"], "DINO preprocessing at 224")
 
@@ -185,3 +185,58 @@ def test_clear_errors():
                                     "num_hidden_layers": 1, "image_size": 32})
     with pytest.raises(ValueError, match="preprocess"):
         tiny(torch.zeros(1, 3, 64, 64))  # the size check comes before the patch embedding
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# preprocessor_config.json is followed (fixtures from tests/reference/make_vit_preprocessing_fixtures.py: transformers'
+# AutoImageProcessor + ViTModel / CLIPModel on tiny folders whose settings differ from the defaults)
+
+def preprocessing_cases():
+    from pathlib import Path
+    root = Path(__file__).parent / "fixtures" / "vit" / "preprocessing"
+    return json.loads((root / "cases.json").read_text())
+
+
+@pytest.mark.parametrize("case", list(preprocessing_cases()))
+def test_encoders_follow_the_folders_preprocessor_config(fx, case, tmp_path):
+    import shutil
+    root, _ = fx
+    pre_root = root / "preprocessing"
+    want = load_file(pre_root / "expected.safetensors")
+    spec = preprocessing_cases()[case]
+    folder = tmp_path / spec["model"]
+    shutil.copytree(pre_root / spec["model"], folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(spec["preprocessor_config"]))
+    encoder = (DINOEncoder if spec["model"] == "dino" else CLIPVisionEncoder).from_pretrained(folder)
+    settings = f"{spec['processor_class']} with {spec['preprocessor_config']}"
+    opaque = images(root)[:2]  # (transparent images: see test_preprocessing_matches_reference_processors)
+    assert_close(encoder.preprocess(opaque), want[f"{case}_pixel_values"], f"pixel values of {settings}")
+    assert_close(encoder.embed(opaque), want[f"{case}_embeds"], f"embeddings after {settings}")
+
+
+def test_saved_encoder_keeps_its_preprocessing(fx, tmp_path):
+    import shutil
+    root, _ = fx
+    spec = preprocessing_cases()["clip_resize20_crop16_lanczos"]
+    shutil.copytree(root / "preprocessing" / "clip", tmp_path / "clip")
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(spec["preprocessor_config"]))
+    clip = CLIPVisionEncoder.from_pretrained(tmp_path / "clip")
+    clip.save_pretrained(tmp_path / "saved")
+    assert CLIPVisionEncoder.from_pretrained(tmp_path / "saved").preprocess == clip.preprocess, \
+        "save_pretrained must write a preprocessor_config.json that reads back as the same preprocessing"
+    dino = DINOEncoder.from_pretrained(root / "dino")  # no file: the defaults, written out explicitly
+    dino.save_pretrained(tmp_path / "dino")
+    assert DINOEncoder.from_pretrained(tmp_path / "dino").preprocess == dino.preprocess
+
+
+def test_preprocessor_config_mistakes_are_named(fx, tmp_path):
+    import shutil
+    root, _ = fx
+    shutil.copytree(root / "preprocessing" / "dino", tmp_path / "dino")
+    file = tmp_path / "dino" / "preprocessor_config.json"
+    for config, message in [({"size": {"height": 24, "width": 24}}, "encoder takes 16x16"),
+                            ({"image_processor_type": "SiglipImageProcessor"}, "not supported"),
+                            ({"size": {"longest_edge": 16}}, "size=")]:
+        file.write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=message):
+            DINOEncoder.from_pretrained(tmp_path / "dino")

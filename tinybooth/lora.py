@@ -15,13 +15,17 @@ What is wrapped (by module name, so it works for every config that keeps the pub
                    add_k_proj, add_v_proj (IF's added-KV projections of the text tokens)
     text encoder:  T5 q, k, v, o;  CLIP q_proj, k_proj, v_proj, out_proj
 
-Saved adapters use the diffusers/peft naming, so the file loads with diffusers' `load_lora_weights` too:
-    pytorch_lora_weights.safetensors
+Saved adapters load with the public API of diffusers and peft (tests/reference/make_lora_fixtures.py checks it):
+    pytorch_lora_weights.safetensors             pipeline.load_lora_weights(dir): IF stage I, IF stage II, SD
         unet.<module path>.lora_A.weight          [r, in]
         unet.<module path>.lora_B.weight          [out, r]
-        text_encoder.<module path>.lora_A.weight  ...
-    safetensors metadata "lora_adapter_metadata": JSON {"unet.r": r, "unet.lora_alpha": alpha,
-        "unet.target_modules": [...]} (the fields of peft's LoraConfig that matter here).
+        text_encoder.<module path>.lora_A.weight  ...     (CLIP only: diffusers cannot read T5 adapters)
+      safetensors metadata "lora_adapter_metadata": JSON {"unet.r": r, "unet.lora_alpha": alpha,
+        "unet.target_modules": [every wrapped module], "unet.rank_pattern": {}, "unet.alpha_pattern": {}, ...}:
+        the LoraConfig diffusers builds with peft, one per prefix
+    text_encoder/adapter_config.json + adapter_model.safetensors   a peft adapter folder for T5:
+        PeftModel.from_pretrained(T5EncoderModel.from_pretrained(...), dir + "/text_encoder")
+        keys base_model.model.<module path>.lora_A.weight, ...
 `merge_lora` folds B A into W (W <- W + (alpha / r) B A) and puts plain Linear layers back, so the merged model
 saves in the public layout and loads with no LoRA code at all.
 """
@@ -37,9 +41,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
-TEXT_TARGETS = ("q", "k", "v", "o", "q_proj", "k_proj", "v_proj", "out_proj")
-LORA_FILE = "pytorch_lora_weights.safetensors"
-METADATA_KEY = "lora_adapter_metadata"
+CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_TARGETS = ("q", "k", "v", "o") + CLIP_TARGETS  # T5's projections, then CLIP's
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' pipeline LoRA file (U-Net + CLIP text encoder)
+METADATA_KEY = "lora_adapter_metadata"  # its safetensors metadata: JSON of the LoraConfig fields, per prefix
+PEFT_CONFIG, PEFT_FILE = "adapter_config.json", "adapter_model.safetensors"  # a peft adapter folder (T5)
+PEFT_PREFIX = "base_model.model."  # peft names a tensor of the wrapped model with this in front
 
 
 class LoRALinear(nn.Module):
@@ -122,70 +129,153 @@ def lora_layers(model):
 
 
 def lora_state_dict(model, prefix):
-    """Adapter tensors in the diffusers/peft naming: '<prefix>.<module>.lora_A.weight' / '.lora_B.weight'."""
+    """Adapter tensors in the peft naming: '<prefix><module>.lora_A.weight' / '.lora_B.weight' (fp32, CPU)."""
     state = {}
     for name, m in lora_layers(model).items():
-        state[f"{prefix}.{name}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
-        state[f"{prefix}.{name}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
+        state[f"{prefix}{name}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
+        state[f"{prefix}{name}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
     return state
 
 
-def save_lora(path, models):
-    """Write the adapters of {"unet": unet, "text_encoder": te, ...} to path/pytorch_lora_weights.safetensors."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state, meta = {}, {}
-    for prefix, model in models.items():
-        layers = lora_layers(model)
-        if not layers:
-            continue
-        first = next(iter(layers.values()))
-        state.update(lora_state_dict(model, prefix))
-        kinds = {t for n in layers for t in UNET_TARGETS + TEXT_TARGETS if _is_target(n, (t,))}
-        meta.update({f"{prefix}.r": first.rank, f"{prefix}.lora_alpha": first.alpha,
-                     f"{prefix}.target_modules": sorted(kinds)})
-    target = path / LORA_FILE
+def lora_config(model):
+    """The fields of peft's LoraConfig that rebuild model's adapters: rank, alpha and the exact wrapped modules."""
+    layers = lora_layers(model)
+    pairs = {(m.rank, m.alpha) for m in layers.values()}
+    assert len(pairs) == 1, f"one rank and alpha per model is saved, found (r, alpha) = {sorted(pairs)}"
+    (rank, alpha), = pairs
+    return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(layers), "rank_pattern": {},
+            "alpha_pattern": {}}
+
+
+def diffusers_reads(prefix, model):
+    """diffusers' load_lora_weights reads U-Net adapters and CLIP text-encoder adapters; T5's (q, k, v, o) it cannot
+    convert, so those go to a peft adapter folder instead."""
+    return prefix == "unet" or all(_is_target(n, CLIP_TARGETS) for n in lora_layers(model))
+
+
+def _save_atomic(write, target):
     tmp = target.with_name(target.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    write(tmp)
     os.replace(tmp, target)
     return target
+
+
+def save_lora(path, models):
+    """Write the adapters of {"unet": unet, "text_encoder": te, ...} where the public loaders find them.
+
+    path/pytorch_lora_weights.safetensors   U-Net and CLIP text encoder: `pipeline.load_lora_weights(path)`
+    path/<name>/adapter_config.json + adapter_model.safetensors   any other model (T5): a peft adapter folder,
+        `PeftModel.from_pretrained(T5EncoderModel.from_pretrained(...), path/<name>)`
+    Models without adapters are skipped. Returns the files written.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state, meta, written = {}, {}, []
+    for prefix, model in models.items():
+        if not lora_layers(model):
+            continue
+        if diffusers_reads(prefix, model):
+            state.update(lora_state_dict(model, prefix + "."))
+            meta.update({f"{prefix}.{k}": v for k, v in lora_config(model).items()})
+        else:
+            written += save_peft_adapter(path / prefix, model)
+    if state:
+        header = {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)}
+        written.append(_save_atomic(lambda f: save_file(state, str(f), metadata=header), path / LORA_FILE))
+    return written
+
+
+def save_peft_adapter(path, model):
+    """A peft adapter folder: adapter_config.json (a LoraConfig) + adapter_model.safetensors (peft's key names)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", **lora_config(model), "bias": "none", "lora_dropout": 0.0,
+              "inference_mode": True}
+    state = lora_state_dict(model, PEFT_PREFIX)
+    return [_save_atomic(lambda f: f.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+                         path / PEFT_CONFIG),
+            _save_atomic(lambda f: save_file(state, str(f), metadata={"format": "pt"}), path / PEFT_FILE)]
+
+
+def read_lora_files(path):
+    """{prefix: (LoRA config dict, {module.lora_X.weight: tensor})} of everything save_lora wrote to path."""
+    path = Path(path)
+    file = path / LORA_FILE if path.is_dir() else path
+    found = {}
+    if file.is_file():
+        with safe_open(str(file), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        for prefix in sorted({k.split(".", 1)[0] for k in state}):
+            config = {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
+            found[prefix] = (config, {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
+    for config_file in sorted(path.glob(f"*/{PEFT_CONFIG}")) if path.is_dir() else []:
+        config = json.loads(config_file.read_text())
+        if not (config_file.parent / PEFT_FILE).is_file():
+            raise ValueError(f"'{config_file}' has no {PEFT_FILE} beside it; save the adapters again")
+        with safe_open(str(config_file.parent / PEFT_FILE), framework="pt") as f:
+            found[config_file.parent.name] = (config, {k.removeprefix(PEFT_PREFIX): f.get_tensor(k) for k in f.keys()})
+    if not found:
+        raise ValueError(f"no LoRA adapters at '{path}'; train some with `python -m tinybooth.train --lora-rank 4`")
+    return found
 
 
 def load_lora(path, models, targets=None):
     """Read adapters saved by save_lora into {"unet": unet, ...}, wrapping the layers first if needed.
 
-    Strict: every adapter in the file must find its layer, and every wrapped layer must get its adapter.
+    Strict: every adapter in the files must find its model and layer, and every wrapped layer must get its adapter.
     """
-    path = Path(path)
-    file = path / LORA_FILE if path.is_dir() else path
-    if not file.exists():
-        raise ValueError(f"no LoRA adapters at '{file}'; train some with `python -m tinybooth.train --lora-rank 4`")
-    with safe_open(str(file), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    for prefix, model in models.items():
-        mine = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-        if not mine:
-            continue
+    found = read_lora_files(path)
+    unknown = sorted(found.keys() - models.keys())
+    if unknown:
+        raise ValueError(f"'{path}' holds LoRA adapters for {unknown} but only {sorted(models)} were given; "
+                         f"pass those models too")
+    for prefix, (config, state) in found.items():
+        model = models[prefix]
         if not lora_layers(model):
-            if f"{prefix}.r" not in meta:
-                raise ValueError(f"'{file}' has no '{METADATA_KEY}' metadata giving the rank of the {prefix} adapters")
-            add_lora(model, int(meta[f"{prefix}.r"]), meta[f"{prefix}.lora_alpha"],
-                     targets or (UNET_TARGETS if prefix == "unet" else TEXT_TARGETS))
-        layers = lora_layers(model)
-        expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
-        missing, unexpected = sorted(expected - mine.keys()), sorted(mine.keys() - expected)
-        if missing or unexpected:
-            raise ValueError(f"LoRA file '{file}' does not match the {prefix}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        for n, m in layers.items():
-            for ab in "AB":
-                p, t = getattr(m, f"lora_{ab}"), mine[f"{n}.lora_{ab}.weight"]
-                if p.shape != t.shape:
-                    raise ValueError(f"LoRA tensor {prefix}.{n}.lora_{ab}.weight: file {tuple(t.shape)} vs "
-                                     f"model {tuple(p.shape)}")
-                p.data.copy_(t)
+            if "r" not in config:
+                raise ValueError(f"'{path}' has no LoRA config (rank, alpha) for the {prefix} adapters")
+            add_lora(model, int(config["r"]), config["lora_alpha"], targets or config.get("target_modules") or
+                     (UNET_TARGETS if prefix == "unet" else TEXT_TARGETS))
+        _copy_adapters(model, state, f"LoRA adapters of the {prefix} in '{path}'")
     return models
+
+
+def _copy_adapters(model, state, name):
+    layers = lora_layers(model)
+    expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"{name} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                         f"load them into the model they were trained on")
+    for n, m in layers.items():
+        for ab in "AB":
+            p, t = getattr(m, f"lora_{ab}"), state[f"{n}.lora_{ab}.weight"]
+            if p.shape != t.shape:
+                raise ValueError(f"{name}: {n}.lora_{ab}.weight is {tuple(t.shape)} in the file, "
+                                 f"{tuple(p.shape)} in the model")
+            p.data.copy_(t)
+
+
+def save_kohya_lora(file, models):
+    """The U-Net and CLIP adapters in the kohya-ss naming that A1111 and ComfyUI read (SD 1.x), one file:
+
+        lora_unet_<module path, '.' -> '_'>.lora_down.weight   A [r, in]
+        lora_unet_<...>.lora_up.weight                         B [out, r]
+        lora_unet_<...>.alpha                                  alpha (those tools scale by alpha / r)
+        lora_te_text_model_encoder_layers_<i>_self_attn_q_proj...   the CLIP text encoder alike
+    """
+    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    state = {}
+    for prefix, model in models.items():
+        if lora_layers(model) and not diffusers_reads(prefix, model):
+            raise ValueError(f"the {prefix} adapters (T5) have no kohya form; pass the U-Net and a CLIP text encoder")
+        for name, m in lora_layers(model).items():
+            key = f"{prefixes[prefix]}_{name.replace('.', '_')}"
+            state[f"{key}.lora_down.weight"] = m.lora_A.detach().float().cpu().contiguous()
+            state[f"{key}.lora_up.weight"] = m.lora_B.detach().float().cpu().contiguous()
+            state[f"{key}.alpha"] = torch.tensor(m.alpha)
+    return _save_atomic(lambda f: save_file(state, str(f), metadata={"format": "pt"}), Path(file))
 
 
 def merge_lora(model):

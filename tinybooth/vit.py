@@ -32,19 +32,22 @@ keeps its checkpoint's names, so a state dict loads one to one:
     vision_model.post_layernorm                         layernorm
     visual_projection                                   -
 
-Preprocessing is part of each metric: the published image processors (transformers' CLIPImageProcessor and the
-facebook/dino-vits16 preprocessor_config.json) are reproduced exactly with PIL, see ImagePreprocessing below.
+Preprocessing is part of each metric: `from_pretrained` reads the folder's preprocessor_config.json (size, crop,
+resample, rescale, mean, std) and follows it as transformers' image processors do (tinybooth.image_preprocessing);
+without that file, CLIP uses CLIPImageProcessor's defaults and DINO ViTImageProcessor's (squash, bilinear, mean =
+std = 0.5), both at the model's image_size.
 """
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 from . import checkpoint
+from .image_preprocessing import (IMAGENET_STANDARD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessing,
+                                  read_preprocessing, write_preprocessing)
 from .text import CLIP_ACT, CLIPEncoder, CLIPTextEncoder
 
 ACTIVATIONS = CLIP_ACT  # quick_gelu (CLIP: x * sigmoid(1.702 x)) and gelu (DINO: exact x * Phi(x))
@@ -148,67 +151,6 @@ def check_image_size(pixel_values, config):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Preprocessing: exactly what the published image processors do (transformers' PIL backend), written with PIL
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class ImagePreprocessing:
-    """Image -> normalised [3, S, S] tensor, the way the reference image processor prepares it.
-
-    shortest_edge=True (CLIPImageProcessor): resize the shorter side to S keeping the aspect ratio (the longer side
-    becomes int(S * long / short)), then take the central S x S crop (top = (h - S) // 2, left = (w - S) // 2).
-    shortest_edge=False (ViTImageProcessor, facebook/dino-vits16): squash the whole image to S x S.
-    Then x / 255 and (x - mean) / std per channel. Resizing is PIL's (antialiased) filter on the uint8 RGB image;
-    transparent images are first composited on white, as the reference's convert_to_rgb does.
-    """
-    size: int
-    shortest_edge: bool
-    resample: int
-    mean: tuple
-    std: tuple
-
-    def __call__(self, images):
-        """images: a PIL image, a list of them, or a float tensor [B, 3, H, W] in [0, 1] (quantised to 8 bits first,
-        as saving it to PNG would). Returns [B, 3, S, S] float32."""
-        if isinstance(images, torch.Tensor):
-            images = tensor_to_pil(images)
-        elif isinstance(images, Image.Image):
-            images = [images]
-        return torch.stack([self.one(img) for img in images])
-
-    def one(self, img):
-        if "A" in img.getbands() or img.info.get("transparency") is not None:  # transparency: composite on white
-            img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
-        img = img.convert("RGB")
-        S = self.size
-        if self.shortest_edge:
-            w, h = img.size
-            short, long = min(w, h), max(w, h)
-            new_long = int(S * long / short)
-            img = img.resize((S, new_long) if w <= h else (new_long, S), resample=self.resample)  # PIL: (w, h)
-            w, h = img.size
-            top, left = (h - S) // 2, (w - S) // 2
-            img = img.crop((left, top, left + S, top + S))
-        else:
-            img = img.resize((S, S), resample=self.resample)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) * np.float32(1 / 255)).permute(2, 0, 1)  # [3, S, S]
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return (x - mean) / std
-
-
-def tensor_to_pil(x):
-    """[B, 3, H, W] floats in [0, 1] -> list of 8-bit PIL images (round to nearest, like saving a PNG)."""
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected images as a [B, 3, H, W] tensor in [0, 1], got shape {tuple(x.shape)}")
-    a = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(im) for im in a]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # CLIP ViT-B/32: vision tower + visual projection of a CLIPModel checkpoint. Its transformer blocks are the CLIP
 # text encoder's (tinybooth.text.CLIPEncoder: same tensor names, same pre-norm math), run without the causal mask.
 
@@ -268,7 +210,9 @@ class CLIPVisionEncoder(nn.Module):
         self.c = ViTConfig.from_clip_config(config)
         self.vision_model = CLIPVisionTransformer(self.c)
         self.visual_projection = nn.Linear(self.c.hidden_size, self.c.projection_dim, bias=False)
-        self.preprocess = ImagePreprocessing(self.c.image_size, shortest_edge=True, resample=Image.BICUBIC,
+        # CLIPImageProcessor's defaults at this model's size; from_pretrained follows preprocessor_config.json
+        S = self.c.image_size
+        self.preprocess = ImagePreprocessing(size=S, crop=(S, S), resample=Image.BICUBIC, rescale=1 / 255,
                                              mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
 
     @classmethod
@@ -280,11 +224,15 @@ class CLIPVisionEncoder(nn.Module):
         config, state = read_clip_half(path, ("vision_model.", "visual_projection."), dtype, device)
         with torch.device("meta"):
             model = cls.from_config(config)
+        model.preprocess = read_preprocessing(Path(path), "clip", model.preprocess, model.c.image_size)
         return checkpoint.load_into(model, state, name=f"CLIPVisionEncoder in '{path}'").eval()
 
     def save_pretrained(self, path):
-        """config.json (the CLIPModel config) + model.safetensors with the vision tensors only."""
-        return checkpoint.save_pretrained(self, path, self.config, "model")
+        """config.json (the CLIPModel config) + model.safetensors with the vision tensors only, and
+        preprocessor_config.json."""
+        out = checkpoint.save_pretrained(self, path, self.config, "model")
+        write_preprocessing(Path(path), self.preprocess, "clip")
+        return out
 
     def forward(self, pixel_values):
         """pixel_values [B, 3, S, S] (from self.preprocess) -> image embeddings [B, projection_dim] (not normalised)."""
@@ -436,11 +384,11 @@ class DINOEncoder(nn.Module):
         self.embeddings = ViTEmbeddings(self.c)
         self.encoder = ViTEncoder(self.c)
         self.layernorm = nn.LayerNorm(self.c.hidden_size, eps=self.c.layer_norm_eps)
-        # facebook/dino-vits16's preprocessor_config.json: ViTFeatureExtractor, size 224 (squashed, no crop),
-        # resample 2 (bilinear), mean = std = 0.5. (The original DINO repository evaluates with ImageNet mean/std
-        # and resize 256 + crop 224; the published Hugging Face processor, which we match, does not.)
-        self.preprocess = ImagePreprocessing(self.c.image_size, shortest_edge=False, resample=Image.BILINEAR,
-                                             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        # without a preprocessor_config.json: ViTImageProcessor's defaults at this model's size (squashed, no crop,
+        # bilinear, mean = std = 0.5); from_pretrained follows the folder's file
+        S = self.c.image_size
+        self.preprocess = ImagePreprocessing(size=(S, S), crop=None, resample=Image.BILINEAR, rescale=1 / 255,
+                                             mean=IMAGENET_STANDARD, std=IMAGENET_STANDARD)
 
     @classmethod
     def from_config(cls, config):
@@ -448,10 +396,14 @@ class DINOEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        return checkpoint.load_pretrained(cls, path, "model", dtype=dtype, device=device)
+        model = checkpoint.load_pretrained(cls, path, "model", dtype=dtype, device=device)
+        model.preprocess = read_preprocessing(Path(path), "vit", model.preprocess, model.c.image_size)
+        return model
 
     def save_pretrained(self, path):
-        return checkpoint.save_pretrained(self, path, self.config, "model")
+        out = checkpoint.save_pretrained(self, path, self.config, "model")
+        write_preprocessing(Path(path), self.preprocess, "vit")
+        return out
 
     def forward(self, pixel_values):
         """pixel_values [B, 3, S, S] (from self.preprocess) -> CLS embeddings [B, D]."""

@@ -24,7 +24,8 @@ wd = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(wd)
 
 UNET = dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=32,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             norm_num_groups=4, attention_head_dim=2)
 PUBLISHED = {  # what the public model_index.json files name beyond the fetched components
     "if": {"safety_checker": ["deepfloyd_if.safety_checker", "IFSafetyChecker"],
@@ -44,7 +45,8 @@ def tiny_pipeline(kind):
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                                         num_attention_heads=4, max_position_embeddings=77))
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(TEXT / "clip_small"),
+    tokenizer = CLIPTokenizer.from_pretrained(TEXT / "clip_small")
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer,
                                    unet=UNet2DConditionModel(in_channels=4, out_channels=4, **UNET),
                                    scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -10,7 +10,8 @@ Sources, both permissively licensed (their notices are copied into the file's he
 
     apt-get download wamerican-large && dpkg-deb -x wamerican-large_*.deb wam
     pip download --no-deps stopwordsiso==0.7.1 && unzip stopwordsiso-*.whl -d sw
-    python tests/reference/make_common_words.py wam/usr/share/dict/american-english-large sw/stopwordsiso/stopwords-iso.json
+    python tests/reference/make_common_words.py wam/usr/share/dict/american-english-large \
+        sw/stopwordsiso/stopwords-iso.json
 """
 import json
 import re

@@ -1,6 +1,7 @@
 """Reference ids on the real vocabularies, for tests/test_tokenizers.py and tests/test_rare_tokens.py.
 
-Run with the reference venv:  /work/refenv/bin/python tests/reference/make_real_vocab_fixtures.py [../shared/vocab/t5-v1_1]
+Run with the reference venv (argument: the folder of the published tokenizer.json, default ../shared/vocab/t5-v1_1):
+    /work/refenv/bin/python tests/reference/make_real_vocab_fixtures.py [../shared/vocab/t5-v1_1]
 Reads tests/fixtures/text/t5_v1_1_real/spiece.model (the real T5 v1.1 vocabulary, copied with its licence), its
 published tokenizer.json from ../shared/vocab/t5-v1_1/ (for the fast tokenizer), the
 strings of tests/fixtures/text/tokenizers.json and tinybooth/assets/clip (CLIP's BPE). Writes

@@ -1,53 +1,57 @@
 """Download the public weights tinybooth uses, and only the files it reads.
 
-    python weights_download.py --list                       # names, files, sizes
+    python weights_download.py --list                       # names, files, sizes (from the hub, or estimates)
     python weights_download.py IF-I-M-v1.0 --variant fp16   # -> weights/IF-I-M-v1.0/
     python weights_download.py IF-II-M-v1.0 --variant fp16  # -> weights/IF-II-M-v1.0/
     python -m tinybooth.sample --model weights/IF-I-M-v1.0 --sr-model weights/IF-II-M-v1.0 --prompt "a photo of a dog"
 
-Every file is fetched from the Hugging Face Hub (or the mirror in $HF_ENDPOINT / --endpoint) with plain HTTP:
-  - the hub's file listing gives each file's size and hash (sha256 for large "LFS" files, the git blob sha1 for
-    small ones); the free disk space is checked against the total first;
-  - a file is written to NAME.part, resumed with an HTTP Range request after an interrupted transfer (in this run
-    or a later one), verified against its published hash, and only then renamed to its final name: a file under
-    its final name is always complete and verified, so re-running skips it;
-  - DeepFloyd IF is gated: accept its licence on the model page while logged in, make a read token at
-    https://huggingface.co/settings/tokens, and set HF_TOKEN=... (or run `huggingface-cli login` once; that stored
-    token is used too). A 401/403 says exactly this.
-huggingface_hub is imported only to find a token stored by `huggingface-cli login`, and only if it is installed.
+The transfer is huggingface_hub's `hf_hub_download` into `--dir/NAME` (its `local_dir`): the token (HF_TOKEN or the
+one `hf auth login` stored), the hub's redirects, progress bars, resuming a dropped connection within a run, Xet
+storage, and HF_ENDPOINT / --endpoint for a mirror. What tinybooth adds:
+  - the table of models a DreamBooth user needs, and within each repo only the files tinybooth reads, in the
+    fp16 variant with --variant fp16;
+  - one listing of the repo with its files' sizes and hashes (`HfApi.model_info(files_metadata=True)`), pinned to
+    one commit: the free disk space is checked against the total first, and every large ("LFS") file is checked
+    against its published sha256 (small files against their git blob id once, when fetched); a file that fails is
+    deleted and the run stops;
+  - DeepFloyd IF is gated: the message says which page's licence to accept and how to pass a token;
+  - `model_index.json` names every component of the pipeline; those not fetched (safety_checker,
+    feature_extractor, watermarker) are set to [null, null], so `DiffusionPipeline.from_pretrained(dir)` loads the
+    folder without them.
 """
 import argparse
+import difflib
+import errno
 import fnmatch
 import hashlib
-import http.client
 import json
 import os
 import shutil
 import sys
-import urllib.error
-import urllib.parse
+import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import HfApi, get_token, hf_hub_download
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HTTPError, RepositoryNotFoundError
 from tqdm.auto import tqdm
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-CHUNK = 1 << 20
-RETRIES = 3             # resumed attempts per file after a dropped connection
 SPACE_MARGIN = 1 << 28  # keep 256 MB free beyond the download itself
-TIMEOUT = 60
+GB = 1e9
 
 
 @dataclass(frozen=True)
 class Model:
     """A downloadable model: files of a hub repo (fnmatch patterns; "{v}" becomes ".fp16" with --variant fp16;
-    "a|b" takes the first alternative the repo has), or plain URLs with their hashes (LPIPS)."""
+    "a|b" takes the first alternative the repo has), or plain URLs with their hashes (LPIPS). estimate_gb: the
+    download's size (full, fp16 variant) when the hub cannot be asked."""
     about: str
-    approx_size: str
+    estimate_gb: tuple
     repo: str = None
     files: tuple = ()
-    urls: tuple = ()     # (url, file name, sha256 or its first hex digits, size or None)
+    urls: tuple = ()     # (url, file name, sha256 or its first hex digits)
     gated: bool = False
 
 
@@ -58,177 +62,137 @@ UNET = ("unet/config.json", "unet/diffusion_pytorch_model{v}.safetensors")
 MODELS = {
     "IF-I-M-v1.0": Model(
         "DeepFloyd IF stage I (64x64, ~400M params) with its T5 v1.1 XXL text encoder (4.8B) and tokenizer",
-        "~21 GB, ~11 GB with --variant fp16", repo="DeepFloyd/IF-I-M-v1.0", gated=True,
+        (21, 12.5), repo="DeepFloyd/IF-I-M-v1.0", gated=True,   # T5-XXL: ~19 GB fp32 shards, ~11.5 GB fp16
         files=("model_index.json", "scheduler/scheduler_config.json") + UNET + IF_TEXT),
     "IF-II-M-v1.0": Model(
         "DeepFloyd IF stage II (64 -> 256 super-resolution, ~450M params); uses stage I's T5 embeddings",
-        "~1.8 GB, ~0.9 GB with --variant fp16", repo="DeepFloyd/IF-II-M-v1.0", gated=True,
+        (1.8, 0.9), repo="DeepFloyd/IF-II-M-v1.0", gated=True,
         files=("model_index.json", "scheduler/scheduler_config.json",
                "image_noising_scheduler/scheduler_config.json") + UNET),
     "stable-diffusion-v1-5": Model(
         "Stable Diffusion 1.5 (U-Net 860M, VAE 84M, CLIP ViT-L/14 text 123M), the copy kept after runwayml's removal",
-        "~4.3 GB, ~2.1 GB with --variant fp16", repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        (4.3, 2.1), repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
         files=("model_index.json", "scheduler/scheduler_config.json") + UNET
         + ("vae/config.json", "vae/diffusion_pytorch_model{v}.safetensors", "text_encoder/config.json",
            "text_encoder/model{v}.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
            "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json")),
     "clip-vit-base-patch32": Model(
-        "CLIP ViT-B/32 (image and text towers) for the CLIP-I and CLIP-T scores", "~0.6 GB",
+        "CLIP ViT-B/32 (image and text towers) for the CLIP-I and CLIP-T scores", (0.6, None),
         repo="openai/clip-vit-base-patch32",
         files=("config.json", "model.safetensors|pytorch_model.bin", "vocab.json", "merges.txt",
                "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json")),
     "dino-vits16": Model(
-        "DINO ViT-S/16 (self-supervised) for the DINO subject-fidelity score", "~0.09 GB",
+        "DINO ViT-S/16 (self-supervised) for the DINO subject-fidelity score", (0.09, None),
         repo="facebook/dino-vits16", files=("config.json", "pytorch_model.bin", "preprocessor_config.json")),
     "lpips-alex": Model(
         "LPIPS v0.1 (AlexNet trunk + linear heads) for the DIV diversity score; converted to tinybooth's layout",
-        "~0.23 GB",
+        (0.23, None),
         urls=(("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "alexnet-owt-7be5be79.pth",
-               "7be5be79", None),   # torchvision publishes the first 8 hex digits of the sha256 in the name
+               "7be5be79"),   # torchvision publishes the first 8 hex digits of the sha256 in the name
               ("https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth",
-               "alex.pth", "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0", 6009))),
+               "alex.pth", "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"))),
 }
 
 
-class DownloadError(RuntimeError):
-    """A download that cannot go on; the message says why and what to do."""
+class DownloadError(ValueError):
+    """A download that cannot go on; the message (one line) says why and what to do."""
 
 
 @dataclass(frozen=True)
 class RemoteFile:
-    path: str            # where it goes, relative to the model directory
-    url: str
+    path: str             # relative to the model directory, as in the repo
     size: int = None
-    sha256: str = None   # full hash, or a prefix of it (torchvision)
-    git_sha1: str = None  # the git blob id of a small (non-LFS) hub file
+    sha256: str = None    # LFS files: the published sha256 (or a prefix of it: torchvision)
+    git_sha1: str = None  # small files: the git blob id
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# HTTP
 
 def hub_endpoint(endpoint=None):
     return (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
-def hub_token():
-    """HF_TOKEN, else the token `huggingface-cli login` stored (read through huggingface_hub when installed)."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token:
-        return token
-    try:
-        from huggingface_hub import get_token  # only here, lazily: the one use of huggingface_hub
-    except ImportError:
-        return None
-    return get_token()
-
-
-class _DropAuthOnOtherHost(urllib.request.HTTPRedirectHandler):
-    """Follow the hub's redirects (to its CDN), but never send the token to another host."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
-            new.remove_header("Authorization")
-        return new
-
-
-_opener = urllib.request.build_opener(_DropAuthOnOtherHost)
-
-
-def http_open(url, token=None, headers=None, model_name=None):
-    """urlopen with the token and headers; HTTP errors become a DownloadError saying what to do."""
-    req = urllib.request.Request(url, headers={"User-Agent": "tinybooth-weights-download", **(headers or {})})
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        return _opener.open(req, timeout=TIMEOUT)
-    except urllib.error.HTTPError as e:
-        raise DownloadError(explain_http_error(e.code, url, token, model_name)) from None
-    except urllib.error.URLError as e:
-        raise DownloadError(f"cannot reach {url}: {e.reason}. Check the network connection (or set HF_ENDPOINT "
-                            f"to a mirror)") from None
-
-
-def explain_http_error(code, url, token, model_name=None):
-    page = None
-    if model_name in MODELS and MODELS[model_name].repo:
-        page = f"https://huggingface.co/{MODELS[model_name].repo}"
-    if code in (401, 403):
-        gated = model_name in MODELS and MODELS[model_name].gated
-        lines = [f"access refused (HTTP {code}) for {url}."]
-        if gated:
-            lines.append(f"{model_name} is a gated model: open {page} while logged in and accept its licence, ")
-        lines.append("create a read token at https://huggingface.co/settings/tokens and pass it with "
-                     "`export HF_TOKEN=hf_...` (or run `huggingface-cli login` once).")
-        lines.append("A token was sent, so it is invalid or its account has not accepted the licence yet."
-                     if token else "No token was found (HF_TOKEN is unset and no stored login).")
-        return "\n".join(lines)
-    if code == 404:
-        return (f"not found (HTTP 404): {url}. The file may not exist in this variant (try without --variant) "
-                "or the repository moved.")
-    if code == 416:
-        return f"the server refused to resume (HTTP 416) {url}; delete the .part file and run again"
-    return f"HTTP {code} for {url}; try again later"
+def model_named(name):
+    """MODELS[name], or a DownloadError naming the closest known names."""
+    if name in MODELS:
+        return MODELS[name]
+    near = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.4)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    raise DownloadError(f"unknown model '{name}'; {hint}known: {', '.join(MODELS)} (see --list)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # which files, how big, which hash
 
-def list_repo(repo, endpoint, token, revision="main", model_name=None):
-    """{path: entry} of every file of a hub model repo (the API's tree listing, recursive, all pages)."""
-    url = f"{endpoint}/api/models/{repo}/tree/{revision}?recursive=true"
-    files = {}
-    while url:
-        with http_open(url, token, model_name=model_name) as r:
-            for entry in json.load(r):
-                if entry.get("type") == "file":
-                    files[entry["path"]] = entry
-            url = _next_link(r.headers.get("Link"))
-    return files
+def explain(error, name, token):
+    """A huggingface_hub / network error as a one-line DownloadError that says what to do."""
+    model = MODELS.get(name)
+    page = f"https://huggingface.co/{model.repo}" if model and model.repo else "the model page"
+    if isinstance(error, GatedRepoError) or (isinstance(error, HfHubHTTPError) and model and model.gated
+                                             and error.response is not None
+                                             and error.response.status_code in (401, 403)):
+        sent = ("the token sent is invalid or its account has not accepted the licence yet" if token is not False
+                and _has_token(token) else "no token was found (HF_TOKEN unset, no `hf auth login`)")
+        return DownloadError(f"{name} is gated: open {page} while logged in and accept its licence, make a read "
+                             f"token at https://huggingface.co/settings/tokens and `export HF_TOKEN=hf_...`; {sent}")
+    if isinstance(error, RepositoryNotFoundError):
+        return DownloadError(f"{page}: repository not found (or private); check the name or your token")
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status == 404:
+        return DownloadError(f"{error.response.url}: not found on the hub; the variant may not be published (try "
+                             "without --variant) or the repository moved")
+    if isinstance(error, HfHubHTTPError) and status:
+        return DownloadError(f"the hub answered HTTP {status} for {name}; try again later")
+    return DownloadError(f"cannot reach the hub for {name} ({error}); check the network connection or set "
+                         "HF_ENDPOINT to a mirror")
 
 
-def _next_link(link):
-    """The rel="next" URL of a Link header (the hub paginates long listings like GitHub does)."""
-    for part in (link or "").split(","):
-        if 'rel="next"' in part:
-            return part.split(";")[0].strip().strip("<>")
-    return None
+def _has_token(token):
+    return bool(token) or (token is None and bool(get_token()))
 
 
-def resolve_files(name, model, listing, endpoint, variant=None, revision="main"):
-    """The RemoteFiles of a hub model matching its patterns, for the variant; errors name what is missing."""
+def plan(name, variant=None, endpoint=None, token=None, timeout=None):
+    """(commit, [RemoteFile]) of hub model `name`: its files matching the table's patterns, with sizes and hashes."""
+    model = model_named(name)
+    try:
+        info = HfApi(endpoint=hub_endpoint(endpoint)).model_info(model.repo, revision="main", files_metadata=True,
+                                                                 token=token, timeout=timeout)
+    except HTTPError as e:
+        raise explain(e, name, token) from None
+    listing = {s.rfilename: s for s in info.siblings}
+    return info.sha, [_remote(listing[path]) for path in match_files(model, listing, variant)]
+
+
+def _remote(sibling):
+    lfs = sibling.lfs
+    return RemoteFile(sibling.rfilename, sibling.size, sha256=lfs.sha256 if lfs else None,
+                      git_sha1=None if lfs else sibling.blob_id)
+
+
+def match_files(model, paths, variant=None):
+    """The repo paths matching the model's patterns for the variant; a pattern with no match is named."""
     v = f".{variant}" if variant else ""
     chosen = []
     for pattern in model.files:
         for alternative in pattern.format(v=v).split("|"):
-            matches = sorted(p for p in listing if fnmatch.fnmatchcase(p, alternative))
+            matches = sorted(p for p in paths if fnmatch.fnmatchcase(p, alternative))
             if matches:
                 break
         if not matches:
             hint = " (this variant may not be published; try without --variant)" if variant and "{v}" in pattern else ""
             raise DownloadError(f"{model.repo} has no file matching '{pattern.format(v=v)}'{hint}")
         chosen += matches
-    out = []
-    for path in chosen:
-        entry = listing[path]
-        lfs = entry.get("lfs") or {}
-        out.append(RemoteFile(path, f"{endpoint}/{model.repo}/resolve/{revision}/{urllib.parse.quote(path)}",
-                              size=entry.get("size"), sha256=lfs.get("oid"),
-                              git_sha1=None if lfs else entry.get("oid")))
-    return out
+    return chosen
 
 
 def check_disk_space(directory, needed):
     """Refuse to start when the disk holding `directory` has less than needed + 256 MB free."""
-    directory = Path(directory)
-    probe = directory
+    probe = Path(directory)
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed + SPACE_MARGIN:
         raise DownloadError(f"not enough free disk space in '{directory}': the download needs {human(needed)} "
-                            f"(+ {human(SPACE_MARGIN)} margin), {human(free)} free. Free some space or pass "
-                            f"--dir on a larger disk.")
+                            f"(+ {human(SPACE_MARGIN)} margin), {human(free)} free; free some space or pass --dir "
+                            "on a larger disk")
 
 
 def human(n):
@@ -239,145 +203,141 @@ def human(n):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# one file: .part, resume, verify, rename
+# verify, and make the folder load in diffusers
 
-def _hasher(f):
+def verify(path, f):
+    """Check a downloaded file against its published hash; a mismatch deletes it (so a rerun fetches it again)."""
     if f.git_sha1:  # git's blob id: sha1 of "blob <size>\0" + content
-        h = hashlib.sha1()
-        h.update(f"blob {f.size}\0".encode())
-        return h
-    return hashlib.sha256()
-
-
-def fetch(f, target, token=None, progress=True, model_name=None):
-    """Download RemoteFile f to `target` through target.part, resuming and verifying; returns target."""
-    target = Path(target)
-    if target.exists() and (f.size is None or target.stat().st_size == f.size):
-        return target            # a final name is only ever given to a verified file
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    for attempt in range(RETRIES + 1):
-        done = part.stat().st_size if part.exists() else 0
-        if f.size is not None and done > f.size:  # not ours, or a different version: start over
-            part.unlink()
-            done = 0
-        if f.size is None or done < f.size:
-            try:
-                _transfer(f, part, done, token, progress, model_name)
-            except (ConnectionError, TimeoutError, http.client.HTTPException, OSError) as e:
-                if attempt == RETRIES:
-                    raise DownloadError(f"the transfer of {f.path} failed {RETRIES + 1} times ({e}); the part "
-                                        f"already fetched is kept: run the same command again to resume") from None
-                continue         # dropped connection: resume from what is on disk
-        if f.size is None or part.stat().st_size == f.size:
-            break
-    _verify(f, part)
-    os.replace(part, target)
-    return target
-
-
-def _transfer(f, part, done, token, progress, model_name):
-    headers = {"Accept-Encoding": "identity"}
-    if done:
-        headers["Range"] = f"bytes={done}-"
-    with http_open(f.url, token, headers, model_name) as r:
-        if done and r.status != 206:      # the server ignored the Range request: start again from byte 0
-            done = 0
-        total = f.size or (int(r.headers["Content-Length"]) + done if r.headers.get("Content-Length") else None)
-        bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=Path(f.path).name, disable=not progress,
-                   leave=False)
-        with open(part, "ab" if done else "wb") as out:
-            while True:
-                chunk = r.read(CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                bar.update(len(chunk))
-        bar.close()
-    got = part.stat().st_size
-    if f.size is not None and got < f.size:
-        raise ConnectionError(f"transfer of {f.path} stopped at {got} of {f.size} bytes")
-
-
-def _verify(f, part):
-    h = _hasher(f)
-    with open(part, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
+        h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    else:
+        h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
     expected = f.git_sha1 or f.sha256
     if expected and not h.hexdigest().startswith(expected):
-        part.unlink()
+        path.unlink()
         kind = "git blob sha1" if f.git_sha1 else "sha256"
-        raise DownloadError(f"{f.path} is corrupted: its {kind} is {h.hexdigest()}, the published one is {expected}. "
-                            "The partial file was deleted; run the same command again.")
+        raise DownloadError(f"{f.path} is corrupted: its {kind} is {h.hexdigest()}, the published one is {expected}; "
+                            "the file was deleted, run the same command again")
+
+
+def null_unfetched_components(model_dir, fetched):
+    """model_index.json with every component whose folder was not fetched set to [null, null] (diffusers then
+    leaves it out: safety_checker, feature_extractor, watermarker), written atomically. Returns their names."""
+    index = Path(model_dir) / "model_index.json"
+    config = json.loads(index.read_text(encoding="utf-8"))
+    dropped = [k for k, v in config.items() if isinstance(v, list) and len(v) == 2 and v[0] is not None
+               and not any(p.startswith(f"{k}/") for p in fetched)]
+    if dropped:
+        config.update({k: [None, None] for k in dropped})
+        atomic_write(index, json.dumps(config, indent=2) + "\n")
+    return dropped
+
+
+def atomic_write(path, text):
+    """Write to a temporary file beside path, then rename: readers see the old file or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # a whole model
 
-def plan(name, variant=None, endpoint=None, token=None):
-    """The RemoteFiles of model `name` (asks the hub for sizes and hashes of hub models)."""
-    model = MODELS[name]
-    if model.repo is None:
-        return [RemoteFile(fname, url, size=size, sha256=sha) for url, fname, sha, size in model.urls]
-    endpoint = hub_endpoint(endpoint)
-    listing = list_repo(model.repo, endpoint, token, model_name=name)
-    return resolve_files(name, model, listing, endpoint, variant)
+class _NoBar(tqdm):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": True})
 
 
 def download(name, directory="weights", variant=None, endpoint=None, token=None, progress=True):
-    """Fetch model `name` into directory/name/; returns that path. See the module docstring."""
-    if name not in MODELS:
-        raise DownloadError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
-    model = MODELS[name]
-    # the hub token goes to the hub only, never to the other hosts of plain-URL models
-    token = None if model.repo is None else (token if token is not None else hub_token())
+    """Fetch model `name` into directory/name/ and verify it; returns that path. token: a string, None (HF_TOKEN or
+    the stored login) or False (send none)."""
+    model = model_named(name)
     root = Path(directory) / name
-    if name == "lpips-alex" and (root / "model.safetensors").exists():
-        return root
-    files = plan(name, variant, endpoint, token)
-    todo = [f for f in files if not (root / f.path).exists()]
-    needed = sum((f.size or 0) - _part_size(root / f.path) for f in todo)
-    check_disk_space(root, needed)
-    for f in tqdm(todo, desc=name, unit="file", disable=not progress or len(todo) < 2):
-        fetch(f, root / f.path, token, progress, name)
-    if name == "lpips-alex":
-        _convert_lpips(root, files)
+    if model.repo is None:
+        return download_urls(model, root)
+    endpoint = hub_endpoint(endpoint)
+    commit, files = plan(name, variant, endpoint, token)
+    fresh = [f for f in files if not (root / f.path).exists()]
+    check_disk_space(root, sum(f.size or 0 for f in fresh))
+    bar = tqdm if progress else _NoBar
+    try:
+        for f in bar(files, desc=name, unit="file"):
+            hf_hub_download(model.repo, f.path, revision=commit, local_dir=root, token=token, endpoint=endpoint,
+                            tqdm_class=None if progress else _NoBar)
+    except HTTPError as e:
+        raise explain(e, name, token) from None
+    except OSError as e:
+        raise disk_error(e, root) from None
+    for f in files:   # large files every run (cheap next to the download), small ones once
+        if f.sha256 or f in fresh:
+            verify(root / f.path, f)
+    if any(f.path == "model_index.json" for f in files):
+        null_unfetched_components(root, [f.path for f in files])
     return root
 
 
-def _part_size(target):
+def disk_error(e, root):
+    if e.errno == errno.ENOSPC:
+        return DownloadError(f"the disk holding '{root}' is full; free some space or pass --dir on a larger disk, "
+                             "then run the same command again")
+    return DownloadError(f"cannot write in '{root}': {e.strerror or e}")
+
+
+def download_urls(model, root):
+    """Plain-URL models (LPIPS: download.pytorch.org and GitHub, never sent a hub token): fetch and verify each
+    file; LPIPS is then converted to tinybooth's layout (config.json + model.safetensors) in place."""
+    if (root / "model.safetensors").exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    paths = [fetch_url(url, root / fname, sha) for url, fname, sha in model.urls]
+    if model is MODELS["lpips-alex"]:
+        from tinybooth.lpips import convert_original
+        convert_original(paths[0], paths[1], root)
+        for path in paths:
+            path.unlink()
+    return root
+
+
+def fetch_url(url, target, sha256):
+    """url -> target through target.part, verified before it gets its name."""
+    if target.exists():
+        return target
     part = target.with_name(target.name + ".part")
-    return part.stat().st_size if part.exists() else 0
+    try:
+        urllib.request.urlretrieve(url, part)
+    except OSError as e:
+        raise DownloadError(f"cannot fetch {url} ({e}); check the network connection, then run again") from None
+    verify(part, RemoteFile(target.name, sha256=sha256))
+    os.replace(part, target)
+    return target
 
 
-def _convert_lpips(root, files):
-    """The two original LPIPS files -> tinybooth's directory (config.json + model.safetensors)."""
-    from tinybooth.lpips import convert_original
-    trunk, lin = (root / f.path for f in files)
-    convert_original(trunk, lin, root)
-    trunk.unlink()
-    lin.unlink()
-
+# ----------------------------------------------------------------------------------------------------------------
+# the command
 
 def print_list(endpoint=None, variant=None, online=True):
-    """Names, what they are, their files and sizes (exact from the hub when reachable, else approximate)."""
-    token = hub_token() if online else None
+    """Names, what they are, their files and sizes: exact from the hub when reachable, else estimates."""
     for name, model in MODELS.items():
-        print(f"{name}{'  [gated: accept the licence, set HF_TOKEN]' if model.gated else ''}\n    {model.about}")
+        print(f"{name}{'  [gated: accept the licence on the model page, set HF_TOKEN]' if model.gated else ''}\n"
+              f"    {model.about}")
         files = None
         if online and model.repo:
             try:
-                files = plan(name, variant, endpoint, token)
-            except DownloadError as e:
-                online = "access refused" in str(e)   # unreachable: list the rest offline, without waiting again
-        if files is not None and all(f.size is not None for f in files):
-            variant_note = f" (variant {variant})" if variant else ""
-            print(f"    {human(sum(f.size for f in files))} in {len(files)} files{variant_note}")
+                files = plan(name, variant, endpoint, timeout=10)[1]
+            except DownloadError:
+                online = False   # unreachable: list the rest offline, without waiting again
+        if files and all(f.size is not None for f in files):
+            print(f"    {human(sum(f.size for f in files))} in {len(files)} files"
+                  f"{f' (variant {variant})' if variant else ''}, as the hub lists them now")
             for f in files:
                 print(f"      {f.path:60s} {human(f.size):>10s}")
         else:
-            print(f"    {model.approx_size}")
+            full, fp16 = model.estimate_gb
+            print(f"    ~{full} GB{f', ~{fp16} GB with --variant fp16' if fp16 else ''} (an estimate; the hub "
+                  "gives exact sizes when reachable)")
             for pattern in model.files or [u[1] for u in model.urls]:
                 print(f"      {pattern}")
         fp16 = " --variant fp16" if "{v}" in "".join(model.files) else ""
@@ -385,19 +345,16 @@ def print_list(endpoint=None, variant=None, online=True):
 
 
 def main(argv=None):
-    global TIMEOUT  # --timeout applies to every request of this run
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="models: " + ", ".join(MODELS))
     p.add_argument("name", nargs="*", help="model name(s), see --list")
     p.add_argument("--list", action="store_true", help="show the models, their files and sizes")
-    p.add_argument("--offline", action="store_true", help="with --list: do not ask the hub for exact sizes")
-    p.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds to wait for the server (default 60)")
+    p.add_argument("--offline", action="store_true", help="with --list: do not ask the hub, show estimates")
     p.add_argument("--dir", default="weights", help="where to put them (default: weights/)")
     p.add_argument("--variant", choices=["fp16"], default=None, help="half-precision files where the repo has them")
     p.add_argument("--endpoint", default=None, help=f"hub URL (default: $HF_ENDPOINT or {DEFAULT_ENDPOINT})")
     args = p.parse_args(argv)
-    TIMEOUT = args.timeout if not (args.list or not args.name) else min(args.timeout, 10)
     if args.list or not args.name:
         print_list(args.endpoint, args.variant, online=not args.offline)
         return 0
@@ -407,7 +364,7 @@ def main(argv=None):
             print(f"{name}: ready in {path}")
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

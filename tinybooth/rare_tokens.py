@@ -14,13 +14,24 @@ Both tokenizers of tinybooth.text work: for T5 a piece is de-tokenised by Senten
 for CLIP a BPE token by the byte decoder (its end-of-word mark '</w>' dropped). `count_tokens` shows how a candidate
 such as "sks" is split again when it appears in a prompt.
 
+On the real T5 vocabulary the three steps alone give texts such as 'Ana', 'pub', 'das', 'ddy': a name, an English
+word, a German article, and a word-internal piece that becomes two tokens once it starts a word. `find_identifier`
+keeps the paper's sampling and adds the checks that make [V] what Sec. 4.1 asks for, a single token with a weak prior:
+lower-case ASCII letters (IF lower-cases every prompt), ONE token of the range inside "a [V] dog", and not a word of
+the prompt language (English, names, abbreviations) nor of T5's other languages (German, French, Romanian), from the
+list in assets/common_short_words.txt. `screen_candidates` says why each refused text was refused.
+
     python -m tinybooth.rare_tokens --tokenizer DIR [--k 1] [--seed 0] [--range 5000 10000]
 """
 import argparse
 import random
+import sys
+from functools import lru_cache
 from pathlib import Path
 
 PAPER_RANGE = (5000, 10000)
+COMMON_WORDS = Path(__file__).parent / "assets" / "common_short_words.txt"
+LANGUAGES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian"}
 
 
 def check_range(tokenizer, id_range):
@@ -72,6 +83,51 @@ def find_rare_identifier(tokenizer, k=1, id_range=PAPER_RANGE, max_chars=3, seed
     # END ASSIGN 5.2
 
 
+@lru_cache(maxsize=1)
+def common_words(path=COMMON_WORDS):
+    """{word: ('en', 'de', ...)}: the short words (1-3 letters) that are never identifiers, with their languages."""
+    words = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            word, langs = line.split()
+            words[word] = tuple(langs.split(","))
+    return words
+
+
+def why_not_identifier(tokenizer, text, id_range=PAPER_RANGE, lower_case=True):
+    """None if text can be [V]; otherwise the reason it cannot, "what (detail)", in words a user reads."""
+    if not (text.isascii() and text.isalpha()):
+        return "not plain ASCII letters"
+    if lower_case and not text.islower():
+        return "upper case (IF lower-cases prompts: it would become another token)"
+    before, after = len(tokenizer.tokenize("a")), len(tokenizer.tokenize("dog"))
+    ids = tokenizer.tokenize(f"a {text} dog")[before:-after]   # [V]'s tokens inside a prompt
+    if len(ids) != 1:
+        return f"not one token in 'a [V] dog' ({len(ids)} tokens)"
+    if not id_range[0] <= ids[0] < id_range[1]:
+        return f"another token in 'a [V] dog', outside the range (id {ids[0]})"
+    langs = common_words().get(text.lower())
+    if langs:
+        return "a common word (" + ", ".join(LANGUAGES[lang] for lang in langs) + ")"
+    return None
+
+
+def screen_candidates(tokenizer, id_range=PAPER_RANGE, seed=0, lower_case=True):
+    """[(text, None or the reason it is refused)] for the paper's candidates, in their seeded random order."""
+    return [(text, why_not_identifier(tokenizer, text, id_range, lower_case))
+            for text in rare_token_candidates(tokenizer, id_range, seed=seed)]
+
+
+def find_identifier(tokenizer, seed=0, lower_case=True, id_range=PAPER_RANGE):
+    """[V]: the first of the paper's candidates (seeded) that is one token of the range in a prompt, lower-case ASCII
+    letters (unless lower_case=False) and no common word. ValueError if none is."""
+    for text in rare_token_candidates(tokenizer, id_range, seed=seed):
+        if why_not_identifier(tokenizer, text, id_range, lower_case) is None:
+            return text
+    raise ValueError(f"none of the ids {id_range[0]}..{id_range[1] - 1} of this tokenizer gives a one-token, "
+                     f"non-word identifier; widen the range or pass --identifier")
+
+
 def count_tokens(tokenizer, text):
     """How many tokens text becomes (without start/end/padding): "sks" is 1 CLIP token, a rare identifier ideally
     stays 1-3 tokens."""
@@ -93,17 +149,42 @@ def load_tokenizer(path):
 def main(argv=None):
     p = argparse.ArgumentParser(description="The paper's rare-token identifier search (Sec. 4.1).")
     p.add_argument("--tokenizer", required=True, help="a tokenizer directory (spiece.model, or CLIP's BPE files)")
-    p.add_argument("--k", type=int, default=1, help="number of rare tokens joined into the identifier (1-3)")
+    p.add_argument("--k", type=int, default=1,
+                   help="1: one rare token with the checks of find_identifier; 2-3: the paper's k texts joined")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--range", type=int, nargs=2, default=PAPER_RANGE, metavar=("LO", "HI"),
                    help="token ids to sample from, HI excluded (paper: 5000 10000)")
     args = p.parse_args(argv)
-    tokenizer = load_tokenizer(args.tokenizer)
-    identifier = find_rare_identifier(tokenizer, k=args.k, id_range=tuple(args.range), seed=args.seed)
+    try:
+        tokenizer, id_range = load_tokenizer(args.tokenizer), tuple(args.range)
+        if args.k > 1:
+            identifier = find_rare_identifier(tokenizer, k=args.k, id_range=id_range, seed=args.seed)
+            print(identifier)
+            print(f"# {count_tokens(tokenizer, identifier)} token(s) in this tokenizer (k={args.k} texts joined)")
+            return
+        identifier = find_identifier(tokenizer, args.seed, id_range=id_range)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(identifier)
-    print(f"# {count_tokens(tokenizer, identifier)} token(s) in this tokenizer; next candidates:")
-    for text in rare_token_candidates(tokenizer, tuple(args.range), seed=args.seed)[args.k:args.k + 10]:
-        print(f"#   {text!r}: {count_tokens(tokenizer, text)} token(s)")
+    print_screening(screen_candidates(tokenizer, id_range, args.seed), identifier)
+
+
+def print_screening(screened, identifier, shown=10):
+    """What the search refused before [V] (and why), a tally of the reasons, and the next accepted candidates."""
+    first = [text for text, _ in screened].index(identifier)
+    print(f"# one token in 'a {identifier} dog'; {first} candidate(s) before it were refused:")
+    for text, reason in screened[:first][:shown]:
+        print(f"#   {text!r:8} {reason}")
+    tally = {}
+    for _, reason in screened:
+        key = reason.split(" (")[0] if reason else "accepted"
+        tally[key] = tally.get(key, 0) + 1
+    print(f"# of all {len(screened)} candidates (<= 3 characters):")
+    for reason, n in sorted(tally.items(), key=lambda kv: -kv[1]):
+        print(f"#   {n:5d} {reason}")
+    later = [text for text, reason in screened[first + 1:] if reason is None][:shown]
+    print(f"# next accepted: {', '.join(later)}")
 
 
 if __name__ == "__main__":

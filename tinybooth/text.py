@@ -29,6 +29,7 @@ import html
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -584,13 +585,34 @@ def clip_vocab_from_gz(path):
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+def _ftfy_table():
+    """The character repairs of ftfy.fix_text (ftfy 6) that are fixed tables: half-/full-width forms to standard
+    width (NFKC of U+FF01..U+FFEF, and the ideographic space U+3000 to ' '), Latin ligatures to their letters,
+    curly quotes to straight ones. {code point: replacement} for str.translate."""
+    table = {0x3000: " "}
+    for i in range(0xFF01, 0xFFF0):                      # 'Ｆ' -> 'F', 'ｶ' -> 'カ'
+        folded = unicodedata.normalize("NFKC", chr(i))
+        if folded != chr(i):
+            table[i] = folded
+    for lig, letters in zip("ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ", ("IJ ij ʼn DZ Dz dz DŽ Dž dž LJ Lj lj NJ Nj nj "
+                                                    "ff fi fl ffi ffl ſt st").split()):
+        table[ord(lig)] = letters
+    table.update({i: "'" for i in (0x02BC, 0x2018, 0x2019, 0x201A, 0x201B)})
+    table.update({i: '"' for i in (0x201C, 0x201D, 0x201E, 0x201F)})
+    return table
+
+
+FTFY_TABLE = _ftfy_table()
+
+
 def clean_text(text):
     """CLIP's basic_clean + whitespace_clean + lower-casing, without ftfy (not a dependency of tinybooth).
 
-    CLIP runs ftfy.fix_text first; we keep its Unicode NFC normalisation but not its other repairs (mojibake,
-    curly quotes -> straight, ligatures, full-width characters), so such text can tokenise differently."""
-    import unicodedata
-    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
+    CLIP (and transformers, when ftfy is installed) runs ftfy.fix_text first. We apply its table-driven repairs
+    (FTFY_TABLE: full-width 'ＦＵＬＬ' -> 'FULL', ligatures, curly quotes) and its final NFC normalisation, but not
+    its guesses (mojibake such as 'cafÃ©' -> 'café'), so only such broken text can tokenise differently."""
+    text = unicodedata.normalize("NFC", text.translate(FTFY_TABLE))
+    text = html.unescape(html.unescape(text))
     return re.sub(r"\s+", " ", text).strip().lower()
 
 

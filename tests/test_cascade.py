@@ -282,4 +282,4 @@ def test_sd_generate_end_to_end(tiny_sd_dir):
     out = text_to_image(tiny_sd_dir, ["a dog"], num_images=2, steps=1, cache_dir=cache, progress=False)
     again = text_to_image(tiny_sd_dir, ["a dog"], num_images=2, steps=1, cache_dir=cache, progress=False)
     assert out["images"].shape == (2, 3, 8, 8), "4x4 latents decoded by a x2 VAE"
-    assert torch.equal(out["images"], again["images"]) and out["settings"]["sampler"] == "ddim"
+    assert torch.equal(out["images"], again["images"]) and out["settings"]["sampler"] == "pndm"

@@ -77,7 +77,9 @@ def test_sd_cli(fake_text, tmp_path):
     assert sample.main(["--model", str(PIPES / "sd"), "--prompt", "a dog", "--steps", "2", "--out", str(out)]) == 0
     pixels, settings = read_png(out)
     assert pixels.shape == (8, 8, 3), "SD: 4x4 latents decoded by a x2 VAE"
-    assert settings["sampler"] == "ddim" and settings["family"] == "sd"
+    assert settings["sampler"] == "pndm" and settings["family"] == "sd", \
+        "SD 1.x's scheduler_config.json names PNDMScheduler: that sampler runs, never a silent substitute"
+    assert settings["sampler_from"] == "from scheduler_config.json"
     assert fake_text[0][1] == "sd"
 
 

@@ -66,7 +66,8 @@ def grid_prompts(identifier, class_noun, templates):
 # 4.2 class images x_pr from the frozen model
 
 def generate_class_images(pipe, cache, prompt, folder, n, batch_size, seed, steps, sampler, guidance):
-    """Draw the prior batch x_pr = samples of c_pr from the frozen model into folder as numbered PNGs.
+    """Draw the prior batch x_pr = samples of c_pr from the frozen model into folder as numbered PNGs (steps: a step
+    count, or a grid of steps / an IF grid name).
 
     Batch b holds images b*B .. b*B+B-1 and is drawn with seed (seed * 100003 + b), so a batch is the same whether
     the run was interrupted or not: finished batches are skipped, a partly written one is drawn again (PNGs are
@@ -85,11 +86,17 @@ def generate_class_images(pipe, cache, prompt, folder, n, batch_size, seed, step
     from tqdm.auto import tqdm
     for b in tqdm(todo, desc="class images", unit="batch"):
         c, c_uncond = stack(cache, [prompt] * len(batches[b]))
-        images = generate(pipe, c, c_uncond, steps, guidance, sampler,
+        num_steps, grid = steps_and_grid(steps)
+        images = generate(pipe, c, c_uncond, num_steps, guidance, sampler, timesteps=grid,
                           generator=torch.Generator().manual_seed(seed * 100003 + b))
         for x, p in zip(images, batches[b]):
             data.save_image(x, p)
     return paths
+
+
+def steps_and_grid(steps):
+    """A setting that is a step count or a grid (a list of steps, an IF grid name) -> (steps, timesteps)."""
+    return (steps, None) if isinstance(steps, int) else (None, steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from . import cascade, data, dreambooth, lora, models, plots
 from .checkpoint import CheckpointError
-from .generate import encode_prompts, generate, stack, super_resolve
+from .generate import encode_prompts, generate, pick_sampler, stack, super_resolve
 from .training import LoopSettings, Trainer, load_checkpoint, seed_everything
 from .unet import UNet
 
@@ -208,7 +208,7 @@ def fine_tune_base(s, pipe, cache, c_prompt, c_pr_prompt, x_inst, x_class, ckpt,
     if ckpt is not None:
         trainer.load(ckpt)
     trainer.run()
-    save_trained(pipe.path, out, "model", "lora", {k: m for k, m in modules.items()}, s.lora_rank)
+    save_trained(pipe.path, out, "model", "lora", dict(modules), s.lora_rank, kohya=pipe.family == "sd")
 
 
 def fine_tune_sr(s, pipe, cache, c_prompt, ckpt, history):
@@ -234,11 +234,14 @@ def fine_tune_sr(s, pipe, cache, c_prompt, ckpt, history):
     save_trained(pipe.sr_path, out, "sr_model", "sr_lora", {"unet": pipe.sr_unet}, s.lora_rank)
 
 
-def save_trained(src, out, name, lora_name, trained, rank):
-    """out/name: the personalised pipeline in the public layout. LoRA: out/lora_name holds the adapters alone, and
-    the merged weights go to out/name."""
+def save_trained(src, out, name, lora_name, trained, rank, kohya=False):
+    """out/name: the personalised pipeline in the public layout. LoRA: out/lora_name holds the adapters alone (in
+    the form diffusers' load_lora_weights reads; T5's as a peft adapter folder; for SD also the kohya file A1111 and
+    ComfyUI read), and the merged weights go to out/name."""
     if rank and any(lora.lora_layers(m) for m in trained.values()):
         lora.save_lora(out / lora_name, trained)
+        if kohya:
+            lora.save_kohya_lora(out / lora_name / "lora_kohya.safetensors", trained)
         for m in trained.values():
             lora.merge_lora(m)
     models.save_pipeline(src, out / name, trained)
@@ -260,17 +263,19 @@ def sample_grids(s, pipe, cache, prompts, c_prompt, x_inst, x_class):
     the toy model's scores. Returns the metrics."""
     out, n = Path(s.output_dir), s.num_samples
     c, c_uncond = stack(cache, [p for p in prompts for _ in range(n)])
-    sampler = models.FAMILY_DEFAULTS[s.family]["sampler"]
-    images = generate(pipe, c, c_uncond, s.sample_steps, s.guidance, sampler,
+    sampler, sampler_from = pick_sampler(pipe.schedule, s.family)
+    steps, grid = dreambooth.steps_and_grid(s.sample_steps)
+    print(f"sample grid: {sampler} ({sampler_from}), {steps or grid} steps")
+    images = generate(pipe, c, c_uncond, steps, s.guidance, sampler, timesteps=grid,
                       generator=torch.Generator().manual_seed(s.seed))
     plots.save_grid(images, len(prompts), out / "samples.png", titles=prompts)
     metrics, psnr = {}, None
     if pipe.sr_unet is not None:
         level = sr_sampling_level(s, pipe)
-        x_sr = super_resolve(pipe, images, c, c_uncond, level, s.sample_steps,
+        x_sr = super_resolve(pipe, images, c, c_uncond, level, steps, timesteps=grid,
                              generator=torch.Generator().manual_seed(s.seed))
         plots.save_grid(x_sr, len(prompts), out / "samples_cascade.png", titles=prompts)
-        psnr = super_resolution_psnr(pipe, cache, c_prompt, s.instance_dir, level, s.sample_steps)
+        psnr = super_resolution_psnr(pipe, cache, c_prompt, s.instance_dir, level, steps, grid)
     if s.family == "toy":
         from .toy import evaluator, scoring
         ev = evaluator.ToyEvaluator.from_pretrained()
@@ -283,13 +288,14 @@ def sample_grids(s, pipe, cache, prompts, c_prompt, x_inst, x_class):
 
 
 @torch.no_grad()
-def super_resolution_psnr(pipe, cache, c_prompt, instance_dir, level, steps):
+def super_resolution_psnr(pipe, cache, c_prompt, instance_dir, level, steps, grid=None):
     """How much of the subject's detail the SR stage keeps: PSNR (dB) of SR(the real photo shrunk to the base
     resolution) against the real photo, with the instance prompt, sampled at the fine-tuning augmentation level."""
     x_high = data.load_instance_images(instance_dir, pipe.sr_resolution)  # [N, 3, H, W]
     x_low = data.resize_images(x_high, pipe.resolution)
     c, c_uncond = stack(cache, [c_prompt] * len(x_high))
-    x_sr = super_resolve(pipe, x_low, c, c_uncond, level, steps, generator=torch.Generator().manual_seed(0))
+    x_sr = super_resolve(pipe, x_low, c, c_uncond, level, steps, timesteps=grid,
+                         generator=torch.Generator().manual_seed(0))
     mse = ((x_sr.cpu() - x_high) / 2).square().mean()  # in [0, 1] pixel units
     return float(10 * torch.log10(1 / mse))
 

@@ -25,12 +25,24 @@ from tinybooth import models, plots
 from tinybooth.cascade import IF_NOISE_LEVEL, parse_noise_level
 from tinybooth.errors import main_guard
 from tinybooth.generate import text_to_image
+from tinybooth.samplers import IF_TIMESTEPS, SAMPLERS
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message} (python -m tinybooth.sample --help lists every flag)", file=sys.stderr)
         sys.exit(2)
+
+
+def parse_timesteps(text):
+    """'smart27' (an IF grid) or '999,800,600' (a list of training steps)."""
+    if text in IF_TIMESTEPS:
+        return text
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a grid name ({', '.join(IF_TIMESTEPS)}) or comma-separated "
+                                         f"steps, got {text!r}") from None
 
 
 def build_parser():
@@ -46,7 +58,13 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None, help="sampling steps (IF: 100, SD: 50, toy: 25)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (IF: 7, SD: 7.5, toy: 5)")
-    p.add_argument("--sampler", choices=["ancestral", "ddim"], default=None, help="IF: ancestral, SD: ddim")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="default: the one the model's scheduler_config.json names (IF: ancestral, SD 1.x: pndm)")
+    p.add_argument("--timesteps", type=parse_timesteps, default=None,
+                   help="stage-I steps as a list (999,800,...) or an IF grid name instead of --steps: "
+                        + ", ".join(IF_TIMESTEPS))
+    p.add_argument("--sr-timesteps", type=parse_timesteps, default=None,
+                   help="stage-II steps as a list or an IF grid name (smart27, super27, super40, super100)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--sr-steps", type=int, default=None, help="stage-II steps (IF: 50, toy: 25)")
     p.add_argument("--sr-guidance", type=float, default=None, help="stage-II guidance (4)")
@@ -77,8 +95,11 @@ def run(argv=None):
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     out = text_to_image(args.model, args.prompt, args.sr_model, args.num_images, args.seed, args.steps,
                         args.guidance, args.sampler, args.eta, args.sr_steps, args.sr_guidance, args.sr_noise_level,
-                        args.device, dtype, args.cache_dir, args.text_device)
-    rows = len(args.prompt)
+                        args.device, dtype, args.cache_dir, args.text_device, timesteps=args.timesteps,
+                        sr_timesteps=args.sr_timesteps)
+    settings, rows = out["settings"], len(args.prompt)
+    sr = f"; stage II: {settings['sr_sampler']}" if args.sr_model else ""
+    print(f"sampler: {settings['sampler']} ({settings['sampler_from']}){sr}")
     plots.save_grid(out["images"], rows, args.out, settings=out["settings"])
     print(f"wrote {args.out} ({rows} x {args.num_images} images of {tuple(out['images'].shape[-2:])})")
     if out["stage1"] is not None:

@@ -28,6 +28,7 @@ import torch
 
 from tinybooth import experiment, models
 from tinybooth.errors import UserError, main_guard
+from tinybooth.samplers import IF_TIMESTEPS, SAMPLERS
 
 FAMILY = "family"  # a default taken from models.FAMILY_DEFAULTS for the --model's family
 
@@ -55,6 +56,15 @@ def _number(kind, low=None, strict=False):
 COUNT, STEPS, POSITIVE, NON_NEGATIVE = _number(int, 1), _number(int, 0), _number(float, 0, True), _number(float, 0)
 
 
+def _steps_or_grid(text):
+    """A step count (>= 1), an IF grid name ('smart27') or a list of steps ('999,800,600')."""
+    if text in IF_TIMESTEPS:
+        return text
+    if "," in text:
+        return [_number(int, 0)(t) for t in text.split(",")]
+    return COUNT(text)
+
+
 def _unit_interval(text):
     value = _number(float, 0)(text)
     if value > 1:
@@ -77,10 +87,11 @@ SETTINGS = (
     ("--overwrite", dict(action="store_true", help="replace a finished or partial run in --output-dir")),
     ("--class-dir", dict(help="class-image cache (default: <output-dir>/class_images/<class prompt>)")),
     ("--num-class-images", dict(type=COUNT, default=FAMILY, help="prior images of 'a [class noun]'")),
-    ("--class-sampler", dict(choices=("ancestral", "ddim"), default="ancestral",
+    ("--class-sampler", dict(choices=SAMPLERS, default="ancestral",
                              help="sampler for class images (the paper: ancestral; ddim with few --class-steps is "
                                   "faster)")),
-    ("--class-steps", dict(type=COUNT, default=FAMILY, help="sampling steps per class image")),
+    ("--class-steps", dict(type=_steps_or_grid, default=FAMILY,
+                           help="sampling steps per class image, or a list of steps / an IF grid name (smart27)")),
     ("--class-batch-size", dict(type=COUNT, default=16, help="class images generated per batch")),
     ("--no-prior-preservation", dict(dest="prior_preservation", action="store_false",
                                      help="train on the subject alone (ablation): no class images, no prior term")),
@@ -112,7 +123,8 @@ SETTINGS = (
     ("--checkpoint-every", dict(type=COUNT, default=FAMILY, help="steps between checkpoints")),
     ("--resume", dict(action="store_true", help="continue from <output-dir>/checkpoint.pt")),
     ("--num-samples", dict(type=STEPS, default=FAMILY, help="images per prompt in the sample grid (0: no samples)")),
-    ("--sample-steps", dict(type=COUNT, default=FAMILY, help="sampling steps for the sample grid")),
+    ("--sample-steps", dict(type=_steps_or_grid, default=FAMILY,
+                            help="sampling steps for the sample grid, or a list of steps / an IF grid name")),
     ("--guidance", dict(type=NON_NEGATIVE, default=FAMILY,
                         help="classifier-free guidance scale (class images and samples)")),
     ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu")),

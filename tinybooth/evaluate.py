@@ -30,8 +30,8 @@ from tinybooth.errors import UserError, main_guard
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        print(f"error: {message} (python -m tinybooth.evaluate --help lists every flag)", file=sys.stderr)
-        sys.exit(2)
+        """A bad flag is a user's mistake like any other: one line (argparse would print the whole usage)."""
+        raise UserError(f"{message} (python -m tinybooth.evaluate --help lists every flag)")
 
 
 def build_parser():

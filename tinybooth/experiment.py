@@ -126,6 +126,8 @@ def resume_checkpoint(s):
     old = ckpt["settings"]
     s.identifier = s.identifier or old.get("identifier")
     changed = {k: (old.get(k), v) for k, v in vars(s).items() if k not in FREE_ON_RESUME and old.get(k) != v}
+    if ckpt["stage"] == "sr" and old.get("max_steps") != s.max_steps:
+        changed["max_steps"] = (old.get("max_steps"), s.max_steps)  # the base stage is over: its optimizer is gone
     if changed:
         raise CheckpointError(f"--resume: these settings differ from the checkpoint's run (checkpoint, now): "
                               f"{changed}; resume with the original settings")

@@ -217,6 +217,9 @@ def save_pipeline(src, dst, trained):
         for name, module in trained.items():
             module.save_pretrained(tmp / name)
         swap_in(tmp, dst)
+    except OSError as e:
+        raise CheckpointError(f"no space left on device while writing '{dst}' (or it cannot be written: {e}); "
+                              f"free space and rerun: the previous '{dst.name}' is intact") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst

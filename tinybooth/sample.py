@@ -23,15 +23,15 @@ import torch
 
 from tinybooth import models, plots
 from tinybooth.cascade import IF_NOISE_LEVEL, parse_noise_level
-from tinybooth.errors import main_guard
+from tinybooth.errors import UserError, main_guard
 from tinybooth.generate import text_to_image
 from tinybooth.samplers import IF_TIMESTEPS, SAMPLERS
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        print(f"error: {message} (python -m tinybooth.sample --help lists every flag)", file=sys.stderr)
-        sys.exit(2)
+        """A bad flag is a user's mistake like any other: one line (argparse would print the whole usage)."""
+        raise UserError(f"{message} (python -m tinybooth.sample --help lists every flag)")
 
 
 def parse_timesteps(text):

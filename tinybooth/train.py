@@ -144,9 +144,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        """One line, exit status 2 (argparse prints the whole usage first)."""
-        print(f"error: {message} (python -m tinybooth.train --help lists every flag)", file=sys.stderr)
-        sys.exit(2)
+        """A bad flag is a user's mistake like any other: one line (argparse would print the whole usage)."""
+        raise UserError(f"{message} (python -m tinybooth.train --help lists every flag)")
 
 
 def family_help(dest):

@@ -104,9 +104,10 @@ def save_checkpoint(path, payload):
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) or "unexpected pos" in str(e) or "No space" in str(e):
-            raise CheckpointError(f"could not write '{path}' ({e.__class__.__name__}: {str(e).strip()[:80]}); is "
-                                  f"the disk full? The previous checkpoint is intact") from None
+        if isinstance(e, OSError) or "unexpected pos" in str(e):  # torch reports a full disk as "unexpected pos"
+            raise CheckpointError(f"no space left on device while writing '{path}' (or it cannot be written: "
+                                  f"{str(e).strip()[:60]}); free space and rerun with --resume: the previous "
+                                  f"checkpoint is intact") from None
         raise
 
 
@@ -282,12 +283,11 @@ class Trainer:
         exploding = recent and loss > EXPLODING * max(statistics.median(recent), 1e-12)
         if math.isfinite(loss) and not exploding:
             return
-        last = (f"'{self.checkpoint_path}'" if self.checkpoint_path and self.checkpoint_path.exists()
-                else "none (no checkpoint written yet)")
+        last = (f"the last good checkpoint is '{self.checkpoint_path}', with weights from before the blow-up"
+                if self.checkpoint_path and self.checkpoint_path.exists() else "no checkpoint was written yet")
         raise TrainingError(f"{self.name} loss {'exploded to' if exploding else 'became'} {loss:.4g} at step "
-                            f"{self.step + 1} (terms: {logs}); stopping. The last good checkpoint is {last}; it holds "
-                            f"weights from before the blow-up. Try a lower learning rate (now {self.s.lr:g}), "
-                            f"--mixed-precision bf16 instead of fp16, or check the instance images")
+                            f"{self.step + 1} (terms: {logs}); stopping: {last}. Try a lower learning rate (now "
+                            f"{self.s.lr:g}), --mixed-precision bf16 instead of fp16, or check the instance images")
 
     def train_step(self, rng_at_start):
         for group in self.optimizer.param_groups:

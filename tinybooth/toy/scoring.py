@@ -43,7 +43,8 @@ def score(evaluator, subject, prior, real, before=None):
     if before is not None:  # as many of the class images as the class prompt has samples (DIV depends on n)
         out["PRES_before"] = te.subject_fidelity(evaluator, before, real)
         out["PRES_subject_probability_before"] = te.subject_probability(evaluator, before).mean()
-        out["class_DIV_before"] = diversity(evaluator, [list(before[:max(len(prior), 2)])])
+        if len(before) > 1:
+            out["class_DIV_before"] = diversity(evaluator, [list(before[:max(len(prior), 2)])])
     return {k: round(float(v), 4) for k, v in out.items()}
 
 

@@ -1,7 +1,12 @@
 """Execute every notebook in lessons/ top to bottom (CI runs this after pytest), so lessons never rot.
 
-Usage: python tests/run_lessons.py [lessons/03_samplers.ipynb ...]
+Usage: python tests/run_lessons.py [--write] [lessons/03_samplers.ipynb ...]
+
+--write stores the executed outputs in the notebooks (what a student sees before running anything, and what a
+student copy with blank tasks should look like once they are filled in); progress bars and other stderr streams
+and the execution timestamps are left out, so a re-run changes only what the code prints and draws.
 """
+import argparse
 import os
 import sys
 import time
@@ -20,16 +25,36 @@ def run(path):
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(LESSONS)}})
     client.execute()
+    return nb
 
 
-def main(paths):
-    paths = [Path(p) for p in paths] or sorted(LESSONS.glob("*.ipynb"))
+def keep_outputs(nb):
+    """The notebook with its outputs, minus stderr streams and execution timestamps."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.metadata.pop("execution", None)
+        cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
+    nb.metadata.pop("widgets", None)
+    return nb
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="store the executed outputs in the notebooks")
+    parser.add_argument("paths", nargs="*")
+    args = parser.parse_args(argv)
+    paths = [Path(p) for p in args.paths] or sorted(LESSONS.glob("*.ipynb"))
     failed = []
     for p in paths:
         start = time.time()
         try:
-            run(p)
-            print(f"ok      {p.name}  ({time.time() - start:.0f} s)", flush=True)
+            nb = run(p)
+            note = ""
+            if args.write:
+                nbformat.write(keep_outputs(nb), p)
+                note = f", outputs written: {p.stat().st_size / 1024:.0f} KiB"
+            print(f"ok      {p.name}  ({time.time() - start:.0f} s{note})", flush=True)
         except Exception as e:  # report every notebook, then fail
             print(f"FAILED  {p.name}: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
             failed.append(p.name)

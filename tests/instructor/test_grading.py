@@ -6,6 +6,7 @@ wrong variant per task group is put in: zero on the blank task, the wrong ones l
 every other task keeps full marks (the grader stands the reference in for the tasks a test builds on).
 """
 import importlib
+import inspect
 import json
 import os
 import re
@@ -81,7 +82,7 @@ def test_task_table_names_each_region(copy):
         obj = module
         for part in task.function.split("."):
             obj = getattr(obj, part)
-        lines, first = __import__("inspect").getsourcelines(obj)
+        lines, first = inspect.getsourcelines(obj)
         line = int(regions[task.id][0].rsplit(":", 1)[1])
         assert first <= line < first + len(lines), f"task {task.id}'s region is not inside {task.function}"
     assert not (copy / "tests" / "instructor").exists(), "instructor-only tests must stay out of the student copy"
@@ -124,7 +125,7 @@ def test_dreambooth_loss_tests_catch_the_two_mistakes(test, old, new, monkeypatc
     import test_dreambooth_loss
     task = load_tasks()["8.3"]
     fn = test_dreambooth_loss.dreambooth_loss
-    source = __import__("inspect").getsource(fn)
+    source = inspect.getsource(fn)
     assert source.count(old) == 1, f"the mistake no longer applies to {task.file}"
     source = source.replace(old, new)
     namespace = dict(fn.__globals__)

@@ -7,6 +7,8 @@ student copy with blank tasks should look like once they are filled in); progres
 and the execution timestamps are left out, so a re-run changes only what the code prints and draws.
 """
 import argparse
+import base64
+import io
 import os
 import sys
 import time
@@ -28,13 +30,33 @@ def run(path):
     return nb
 
 
+def small_image(data):
+    """A figure's PNG (base64) re-encoded small: at most 1000 px wide, a 128-colour palette PNG for plots, a JPEG
+    where that stays large (noise strips compress badly). Returns (mime type, base64 data)."""
+    from PIL import Image
+    image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+    if image.width > 1000:  # wide strips of small pictures: 1000 px still shows every pixel of a 64 px sample
+        image = image.resize((1000, round(image.height * 1000 / image.width)), Image.LANCZOS)
+    png, jpeg = io.BytesIO(), io.BytesIO()
+    image.quantize(colors=128).save(png, format="PNG", optimize=True)
+    if png.tell() <= 40_000:
+        return "image/png", base64.b64encode(png.getvalue()).decode("ascii")
+    image.save(jpeg, format="JPEG", quality=80)
+    best = min((png, "image/png"), (jpeg, "image/jpeg"), key=lambda b: b[0].tell())
+    return best[1], base64.b64encode(best[0].getvalue()).decode("ascii")
+
+
 def keep_outputs(nb):
-    """The notebook with its outputs, minus stderr streams and execution timestamps."""
+    """The notebook with its outputs, minus stderr streams and execution timestamps, figures palette-encoded."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         cell.metadata.pop("execution", None)
         cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
+        for o in cell.outputs:
+            if "data" in o and "image/png" in o["data"]:
+                mime, data = small_image(o["data"].pop("image/png"))
+                o["data"][mime] = data
     nb.metadata.pop("widgets", None)
     return nb
 

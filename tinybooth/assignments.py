@@ -151,7 +151,20 @@ def student_copy(out_dir, tasks=None, root=ROOT):
         row["formula"] = regions[row["id"]][1]
     (out_dir / "tinybooth" / TASKS_FILE.name).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     (out_dir / STUDENT_MARK).write_text(json.dumps({"blanked": chosen}) + "\n", encoding="utf-8")
+    for notebook in (out_dir / "lessons").glob("*.ipynb"):
+        hide_source_outputs(notebook)
     return out_dir
+
+
+def hide_source_outputs(notebook):
+    """The lessons' committed outputs stay (what each cell should draw), except those of `show_source(...)` cells:
+    they print the instructor's code, solutions included; in the copy that cell prints the student's own."""
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code" and "show_source(" in "".join(cell["source"]).split("def show_source")[0]:
+            cell["outputs"] = [{"output_type": "stream", "name": "stdout",
+                                "text": ["(run this cell: it prints your code)\n"]}]
+    notebook.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def hint(task_id, level=1, root=ROOT):

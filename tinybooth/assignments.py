@@ -167,6 +167,13 @@ def hide_source_outputs(notebook):
     notebook.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def show_source(*functions):
+    """Print each function's code (the lessons put it beside the maths; in a student copy it is the student's)."""
+    import inspect
+    for f in functions:
+        print(inspect.getsource(f))
+
+
 def hint(task_id, level=1, root=ROOT):
     """Hint `level` for a task: 1 a nudge, 2 the formula, 3 the tasks it builds on and where the code goes."""
     tasks = load_tasks(root / "tinybooth" / TASKS_FILE.name)

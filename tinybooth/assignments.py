@@ -307,7 +307,7 @@ def score_tasks(tasks, results):
             lines.append(f"hint: {task.nudge}  (more: python -m tinybooth.assignments hint {task.id} --level 2)")
         entries.append({"name": f"Task {task.id}: {task.title}", "number": task.id, "score": score,
                         "max_score": task.points, "output": "\n".join(lines), "visibility": "visible",
-                        "passed": passed, "run": len(outcomes)})
+                        "extra_data": {"passed": passed, "run": len(outcomes)}})
     return {"score": round(sum(e["score"] for e in entries), 3), "tests": entries}
 
 
@@ -343,7 +343,7 @@ def format_table(results):
     rows = [f"{'task':<6}{'title':<48}{'points':>7}{'passed':>9}{'score':>8}"]
     for e in results["tests"]:
         rows.append(f"{e['number']:<6}{e['name'].split(': ', 1)[1][:46]:<48}{e['max_score']:>7g}"
-                    f"{e['passed']:>5}/{e['run']:<3}{e['score']:>8g}")
+                    f"{e['extra_data']['passed']:>5}/{e['extra_data']['run']:<3}{e['score']:>8g}")
     total = sum(e["max_score"] for e in results["tests"])
     rows.append(f"{'total':<54}{total:>7g}{'':>9}{results['score']:>8g}")
     return "\n".join(rows)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tinybooth.assignments import blank_regions, find_regions, hint, load_tasks, main, marker_expression
+from tinybooth.assignments import blank_regions, find_regions, hint, load_tasks, main, marker_expression, score_tasks
 
 from conftest import ROOT
 
@@ -106,3 +106,21 @@ def test_mistakes_end_in_one_error_line(argv, says, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and "Traceback" not in err, err
+
+
+def test_scores_are_points_times_the_share_of_passed_tests():
+    task = load_tasks()["2.3"]
+    results = {"2.3": {"tests/test_loss.py::a": ("passed", ""), "tests/test_loss.py::b": ("failed", "E  wrong"),
+                       "tests/instructor/test_x.py::c": ("failed", "E  the hidden expectation")}}
+    entry = score_tasks([task], results)["tests"][0]
+    assert entry["score"] == pytest.approx(task.points / 3) and entry["max_score"] == task.points
+    assert "tests/test_loss.py::b" in entry["output"] and "E  wrong" in entry["output"], "public failures are shown"
+    assert "hidden expectation" not in entry["output"], "an instructor-only test's message stays hidden"
+    assert task.nudge in entry["output"], "a task short of full marks gets its nudge"
+
+
+def test_points_file_must_name_known_tasks(tmp_path, capsys):
+    points = tmp_path / "points.json"
+    points.write_text('{"2.9": 5}')
+    assert main(["grade", "--points", str(points)]) == 2
+    assert "points given for unknown task '2.9'" in capsys.readouterr().err

@@ -155,8 +155,9 @@ def test_classifier_free_guidance_formula_and_scale_one():
     assert torch.allclose(classifier_free_guidance(uncond, cond, 1.0), cond, atol=1e-6), \
         "guidance scale 1 must return the conditional prediction eps_cond"
     out = classifier_free_guidance(uncond, cond, 7.0, channels=3)
-    expected = uncond[:, :3] + 7.0 * (cond[:, :3] - uncond[:, :3])
-    assert torch.allclose(out[:, :3], expected, atol=1e-6), "eps = eps_uncond + s (eps_cond - eps_uncond)"
+    two_points = classifier_free_guidance(torch.full((1, 3, 1, 1), 0.5), torch.ones(1, 3, 1, 1), 7.0)
+    assert torch.allclose(two_points, torch.full((1, 3, 1, 1), 4.0)), \
+        f"eps_uncond = 0.5, eps_cond = 1, s = 7: 7 steps of 0.5 from 0.5 land on 4.0; got {two_points[0, 0, 0, 0]}"
     assert torch.equal(out[:, 3:], cond[:, 3:]), "the learned-variance channels come from the conditional branch"
     assert torch.allclose(classifier_free_guidance(uncond, cond, 0.0), uncond), "scale 0 is the unconditional model"
 

@@ -1,4 +1,4 @@
-"""Task 8.3, the DreamBooth training loss: the mistakes eq. (2)'s other tests let through.
+"""Task 8.3, the per-sample denoising losses of a DreamBooth step: the mistakes eq. (2)'s other tests let through.
 
 A stand-in U-Net records what it is given, so each test reads the step t, the noisy input z_t and the SR
 conditioning the loss fed it, and recomputes the loss from them.
@@ -8,7 +8,7 @@ import torch
 
 from tinybooth.loss import diffusion_loss
 from tinybooth.schedule import DiscreteSchedule
-from tinybooth.train import dreambooth_loss
+from tinybooth.dreambooth import dreambooth_loss, denoising_losses
 
 # a schedule listed in full (trained_betas), so these tests do not need Task 1.1's beta schedules
 SCHEDULE = {"trained_betas": torch.linspace(1e-4, 0.02, 1000).tolist(), "prediction_type": "epsilon"}
@@ -56,8 +56,8 @@ def test_super_resolution_feeds_z_t_joined_with_the_conditioning():
     x, x_cond = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
     level = torch.tensor([250, 250])
     unet = RecordingUNet()
-    total, parts = dreambooth_loss(unet, schedule, x, torch.randn(2, 5, 16), None, None, 0.0,
-                                   torch.Generator().manual_seed(0), x_cond=x_cond, noise_level=level)
+    per_sample = denoising_losses(unet, schedule, x, torch.randn(2, 5, 16), torch.Generator().manual_seed(0),
+                                  x_cond=x_cond, noise_level=level)
     assert unet.z.shape == (2, 6, 8, 8), (f"the SR U-Net's input is [z_t ; x_cond] joined along channels, "
                                           f"[B, 6, H, W]; it got {tuple(unet.z.shape)}")
     assert torch.equal(unet.z[:, 3:], x_cond), "channels 3-5 of the U-Net's input must be x_cond, unchanged"
@@ -65,10 +65,9 @@ def test_super_resolution_feeds_z_t_joined_with_the_conditioning():
         "the conditioning's augmentation level must reach the U-Net (noise_level)"
     z_t = unet.z[:, :3]
     eps = recovered_eps(schedule, z_t, x, unet.t)
-    expected = diffusion_loss(0.5 * z_t, x, eps, z_t, unet.t, schedule)
-    assert torch.allclose(total, expected, atol=1e-5), \
-        f"the loss must compare the model's output with z_t's noise: expected {expected:.5f}, got {total:.5f}"
-    assert set(parts) == {"subject"}, "without a prior batch only the subject term is returned"
+    expected = diffusion_loss(0.5 * z_t, x, eps, z_t, unet.t, schedule, reduction="none")
+    assert per_sample.shape == (2,) and torch.allclose(per_sample, expected, atol=1e-5), \
+        f"one loss per sample, the model's output against z_t's noise: expected {expected}, got {per_sample}"
 
 
 @pytest.mark.task8_3

@@ -31,7 +31,7 @@ WRONG = [("1.3", "return (z_t - sigma_t * eps) / alpha_t", "return (z_t - sigma_
          ("5.2", 'return "".join(candidates[:k])', 'return "".join(candidates[1:k + 1])'),
          ("6.1", "[cos, sin] if flip_sin_to_cos else [sin, cos]", "[sin, cos] if flip_sin_to_cos else [cos, sin]"),
          ("7.3", "return self.mean + self.std * noise", "return self.mean + noise"),
-         ("8.3", "(x_all.shape[0],)", "(1,)"),  # one step t for the whole batch
+         ("8.3", "(x.shape[0],)", "(1,)"),  # one step t for the whole batch
          ("9.3", "F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1).mean()",
           "cosine_matrix(image_embeds, text_embeds).mean()")]  # all pairs instead of image i with prompt i
 UNTAGGED = "tests/test_cascade.py::test_table_step_is_continuous_cosine_one_step_later"  # its fixture needs 1.1
@@ -120,13 +120,13 @@ def test_grade_blank_task_gets_zero_and_wrong_variants_lose_points(copy):
 
 @pytest.mark.parametrize("test, old, new", [
     ("test_each_sample_gets_its_own_step_t",  # one t drawn and shared by the whole batch
-     "(x_all.shape[0],)", "(1,)"),
+     "(x.shape[0],)", "(1,)"),
     ("test_super_resolution_feeds_z_t_joined_with_the_conditioning",  # SR conditioning not concatenated
      "model_in = z_t if x_cond is None else torch.cat([z_t, x_cond], dim=1)", "model_in = z_t")])
 def test_dreambooth_loss_tests_catch_the_two_mistakes(test, old, new, monkeypatch):
     import test_dreambooth_loss
     task = load_tasks()["8.3"]
-    fn = test_dreambooth_loss.dreambooth_loss
+    fn = test_dreambooth_loss.denoising_losses
     source = inspect.getsource(fn)
     assert source.count(old) == 1, f"the mistake no longer applies to {task.file}"
     source = source.replace(old, new)

@@ -68,7 +68,8 @@ def test_bin_file_is_read_without_unpickling_code(tmp_path):
     assert set(read_state_dict(find_weight_files(tmp_path, "model"))) == {"proj.weight", "proj.bias", "norm.weight",
                                                                           "norm.bias"}
     torch.save({"evil": object()}, tmp_path / "pytorch_model.bin")  # arbitrary pickled objects are refused
-    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+    with pytest.raises(CheckpointError, match="pytorch_model.bin' holds pickled Python objects, which tinybooth "
+                                              "refuses to load"):
         read_state_dict(find_weight_files(tmp_path, "model"))
 
 
@@ -87,6 +88,17 @@ def test_errors_name_missing_unexpected_and_mis_shaped_keys(tmp_path):
     assert "proj.weight: checkpoint (4, 5) vs model (4, 4)" in message
 
 
-def test_missing_directory_says_how_to_download(tmp_path):
-    with pytest.raises(CheckpointError, match="weights_download.py"):
+def test_missing_directory_of_a_known_model_says_how_to_download(tmp_path):
+    with pytest.raises(CheckpointError, match=r"does not exist; download it with:  python weights_download.py "
+                                              r"IF-II-M-v1\.0 --dir"):
+        load_pretrained(Tiny, tmp_path / "IF-II-M-v1.0" / "unet", "model")
+    with pytest.raises(CheckpointError, match=r"'.*nope' does not exist; check the path"):
         load_pretrained(Tiny, tmp_path / "nope", "model")
+
+
+def test_local_folder_without_weights_says_what_is_missing_without_a_download_command(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"width": 4}))
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(Tiny, tmp_path, "model")
+    assert "no weights in" in str(err.value) and "model.safetensors" in str(err.value)
+    assert "weights_download" not in str(err.value), "a user's own folder needs no download command"

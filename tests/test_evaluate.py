@@ -108,7 +108,7 @@ def test_cli_generates_scores_and_writes_json_and_sheets(tiny_cascade, weights_d
 
 def test_cli_errors_are_one_line_messages(tmp_path, capsys):
     assert evaluate.main(["--images", str(tmp_path), "--subject-dir", str(tmp_path), "--class-noun", "dog",
-                          "--scorer", "paper"]) == 1
+                          "--scorer", "paper"]) == 2
     assert "prompts.json" in capsys.readouterr().err
     assert evaluate.main(["--model", "x", "--images", "y"]) == 2
 
@@ -164,7 +164,7 @@ def test_cli_on_the_embedded_toy_default(tmp_path):
 
 def test_auto_scorer_on_a_folder_without_prompts_json_explains_the_layout(tmp_path, capsys):
     (tmp_path / "00").mkdir()
-    assert evaluate.main(["--images", str(tmp_path), "--subject-dir", str(tmp_path), "--class-noun", "dog"]) == 1
+    assert evaluate.main(["--images", str(tmp_path), "--subject-dir", str(tmp_path), "--class-noun", "dog"]) == 2
     assert "prompts.json" in capsys.readouterr().err
 
 

@@ -82,18 +82,18 @@ def test_sd_cli(fake_text, tmp_path):
 
 def test_missing_weights_name_the_download_command(tmp_path, capsys):
     missing = tmp_path / "IF-I-M-v1.0"
-    assert sample.main(["--model", str(missing), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 1
+    assert sample.main(["--model", str(missing), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert "python weights_download.py IF-I-M-v1.0 --dir" in err, err
     incomplete = tmp_path / "IF-I-M-v1.0"
     shutil.copytree(PIPES / "if1", incomplete, ignore=shutil.ignore_patterns("config.json"))
-    assert sample.main(["--model", str(incomplete), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 1
+    assert sample.main(["--model", str(incomplete), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert "unet/config.json missing" in err and "weights_download.py IF-I-M-v1.0" in err, err
 
 
 def test_stage2_model_as_model_is_refused(tmp_path, capsys):
-    assert sample.main(["--model", str(PIPES / "if2"), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 1
+    assert sample.main(["--model", str(PIPES / "if2"), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 2
     assert "--sr-model" in capsys.readouterr().err
 
 

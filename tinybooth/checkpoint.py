@@ -61,18 +61,10 @@ def _with_hint(message, path):
 
 
 def read_json(path):
-    """A JSON file as a dict; a missing or malformed file is a CheckpointError naming it (and the line)."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(_with_hint(f"'{path}' is missing", path)) from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"'{path}' is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix or "
-                              f"restore that file") from None
-    except UnicodeDecodeError:
-        raise CheckpointError(f"'{path}' is not a text (JSON) file; restore that file") from None
+    """A JSON file of a model directory as a dict; a missing or malformed file is a CheckpointError naming it."""
+    if not Path(path).exists():
+        raise CheckpointError(_with_hint(f"'{path}' is missing", path))
+    return atomic.read_json(path, error=CheckpointError)
 
 
 def read_config(path):

@@ -58,6 +58,7 @@ def main_guard(main_fn, argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
+    shown_as = warnings.formatwarning
     if not debug:
         warnings.formatwarning = _format_warning
     try:
@@ -70,5 +71,7 @@ def main_guard(main_fn, argv=None):
     except KeyboardInterrupt:
         if debug:
             raise
-        print("error: interrupted (Ctrl-C); outputs written so far are complete", file=sys.stderr)
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        warnings.formatwarning = shown_as

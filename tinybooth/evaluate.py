@@ -50,7 +50,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import checkpoint, data, metrics
+from . import checkpoint, data, files, metrics
+from .errors import UserError, main_guard
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -115,7 +116,7 @@ def read_layout(images_dir):
                          f'prompts.json like {{"prompts": {{"00": {{"prompt": "a sks dog in the snow", "text": '
                          f'"a dog in the snow"}}}}, "prior": {{"prompt": "a dog"}}}} (the prior folder is '
                          f"prior/)")
-    layout = json.loads(f.read_text())
+    layout = files.read_json(f)
 
     def images(sub):
         d = images_dir / sub
@@ -357,7 +358,7 @@ def resolve(args):
         args.class_noun = args.class_noun or toy_subject["class_noun"]
     elif args.model is not None and (Path(args.model) / "settings.json").exists():  # a tinybooth.train run
         run = Path(args.model)
-        settings = json.loads((run / "settings.json").read_text())
+        settings = files.read_json(run / "settings.json")
         args.model = run / "model"
         args.sr_model = args.sr_model or (run / "sr_model" if (run / "sr_model").is_dir() else None)
         args.subject_dir = args.subject_dir or settings["instance_dir"]
@@ -466,6 +467,11 @@ def comparison_table(results):
 
 
 def main(argv=None):
+    """The command: a mistake in the user's input ends as one `error: ...` line and exit status 2 (see errors)."""
+    return main_guard(_main, argv)
+
+
+def _main(argv):
     args = parse_args(argv)
     if args.model and args.images:
         print("error: give --model (generate, then score) or --images (score a folder), not both", file=sys.stderr)
@@ -479,9 +485,10 @@ def main(argv=None):
             results[str(model)] = evaluate(run)
             print(json.dumps(results[str(model)]["metrics"], indent=1))
             print(f"wrote {run.out / 'metrics.json'} and the contact sheets in {run.out / 'sheets'}")
-    except (checkpoint.CheckpointError, ValueError, data.InstanceImageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(str(e)) from e  # library checks not yet UserErrors (e.g. scheduler configs): user input too
     if len(results) > 1:
         print(comparison_table(results))
     return 0

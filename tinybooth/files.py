@@ -138,6 +138,21 @@ def is_inside(path, folder):
     return path == folder or folder in path.parents
 
 
+def read_json(path, error=UserError):
+    """A JSON file's content; a missing or malformed file raises `error` naming it (and the line)."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"'{path}' is missing") from None
+    except json.JSONDecodeError as e:
+        raise error(f"'{path}' is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix or restore "
+                    f"that file") from None
+    except UnicodeDecodeError:
+        raise error(f"'{path}' is not a text (JSON) file; restore that file") from None
+
+
 def load_checkpoint(path):
     """A training checkpoint (tensors, numbers, strings, lists, dicts) read with torch.load(weights_only=True).
 

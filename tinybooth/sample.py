@@ -26,8 +26,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from . import cascade
+from . import cascade, checkpoint
 from .checkpoint import CheckpointError
+from .errors import UserError, main_guard
 from .schedule import DiscreteSchedule
 from .unet import UNet
 from .vae import WEIGHTS_STEM, AutoencoderKL
@@ -51,14 +52,14 @@ def download_hint(model_dir):
     if d.resolve().parent == ASSETS:
         return ("the embedded toy cascade ships with the repository (git checkout tinybooth/assets) and can be "
                 "regenerated with:  python -m tinybooth.pretrain_toy --out tinybooth/assets")
-    return (f"download it with:  python weights_download.py {d.name} --dir {d.parent}\n"
-            f"(python weights_download.py --list shows every model)")
+    return checkpoint.download_hint(d) or "check the path (python weights_download.py --list shows the models " \
+                                          "it fetches)"
 
 
 def model_index(model_dir):
     """The pipeline's model_index.json as a dict ({} when there is none)."""
     index = Path(model_dir) / "model_index.json"
-    return json.loads(index.read_text()) if index.exists() else {}
+    return checkpoint.read_json(index) if index.exists() else {}
 
 
 def detect_family(model_dir):
@@ -205,6 +206,11 @@ def save_grid(images, rows, path, settings):
 
 
 def main(argv=None):
+    """The command: a mistake in the user's input ends as one `error: ...` line and exit status 2 (see errors)."""
+    return main_guard(_main, argv)
+
+
+def _main(argv):
     default_model = TOY_BASE if TOY_BASE.is_dir() else None
     p = argparse.ArgumentParser(prog="python -m tinybooth.sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -249,9 +255,10 @@ def main(argv=None):
         out = generate(args.model, args.prompt, args.sr_model, args.num_images, args.seed, args.steps, args.guidance,
                        args.sampler, args.eta, args.sr_steps, args.sr_guidance, args.sr_noise_level, args.device,
                        dtype, args.cache_dir, args.text_device)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(str(e)) from e  # library checks not yet UserErrors (e.g. scheduler configs): user input too
     rows = len(args.prompt)
     save_grid(out["images"], rows, args.out, out["settings"])
     print(f"wrote {args.out} ({rows} x {args.num_images} images of {tuple(out['images'].shape[-2:])})")

@@ -23,13 +23,13 @@ import subprocess
 import sys
 import textwrap
 import traceback
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_data import bomb_png
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = REPO / "tinybooth" / "assets" / "toy-IF-I"
@@ -72,16 +72,6 @@ def png(path, size=64, seed=0):
     """A small valid RGB PNG."""
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
-    return path
-
-
-def bomb_png(path, width=20000, height=20000):
-    """A tiny PNG file whose header claims width x height pixels: Pillow's decompression-bomb check trips on it."""
-    def chunk(kind, body):
-        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])  # 8-bit greyscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
-                     + chunk(b"IEND", b""))
     return path
 
 

@@ -8,6 +8,7 @@ traceback, so it can be reported. `--debug` (or TINYBOOTH_DEBUG=1) shows the tra
     if __name__ == "__main__":
         sys.exit(main_guard(main))
 """
+import argparse
 import errno
 import os
 import sys
@@ -19,6 +20,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 class UserError(ValueError):
     """The user's input is wrong; the message says what, which file or flag, and what to do."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, except that a bad command line is a UserError: one `error:` line and exit status 2
+    (argparse's own answer is its usage block, then `prog: error: ...`)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def no_space_error(path):
@@ -44,9 +53,9 @@ def one_line(message):
     return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
-def _format_warning(message, category, filename, lineno, line=None):
+def _show_warning(message, category, filename, lineno, file=None, line=None):
     """Warnings shown by a command read `warning: <message>`, one line, without the source line."""
-    return f"warning: {one_line(message)}\n"
+    print(f"warning: {one_line(message)}", file=file or sys.stderr)
 
 
 def main_guard(main_fn, argv=None):
@@ -58,9 +67,9 @@ def main_guard(main_fn, argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
-    shown_as = warnings.formatwarning
+    shown_as = warnings.showwarning
     if not debug:
-        warnings.formatwarning = _format_warning
+        warnings.showwarning = _show_warning
     try:
         return main_fn(argv)
     except UserError as e:
@@ -74,4 +83,4 @@ def main_guard(main_fn, argv=None):
         print("error: interrupted (Ctrl-C)", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        warnings.formatwarning = shown_as
+        warnings.showwarning = shown_as

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_data import bomb_png
@@ -37,6 +38,8 @@ TOY_SR = REPO / "tinybooth" / "assets" / "toy-IF-II"
 PIPELINE_PARTS = ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet"]
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 TEXT_WEIGHTS = "text_encoder/model.safetensors"
+SCHEDULER = "scheduler/scheduler_config.json"
+TOKENIZER_CONFIG = "tokenizer/tokenizer_config.json"
 
 # a library call run the way a command runs its main (the 'before' column ran it without main_guard)
 LIBRARY = """import sys
@@ -153,10 +156,35 @@ def edit_json(path, text_from):
     return lambda m: (m / path).write_text(text_from((m / path).read_text()))
 
 
+def pickled_bin(m):
+    """The text encoder's weights as a pytorch_model.bin that holds a pickled object besides its tensors."""
+    state = load_file(str(m / TEXT_WEIGHTS))
+    (m / TEXT_WEIGHTS).unlink()
+    torch.save({**state, "evil": Path(".")}, m / "text_encoder/pytorch_model.bin")
+
+
+def run_folder(work):
+    """A tinybooth.train run folder whose settings.json was cut short, and a valid subject folder."""
+    paths = scored_folder(work)
+    (work / "run").mkdir()
+    (work / "run/settings.json").write_text('{"class_noun": ')
+    return {**paths, "run": work / "run"}
+
+
 SAMPLE = ["sample", "--model", "{model}", "--prompt", "a star", "--steps", "1", "--cache-dir", "{work}/../cache",
           "--out", "{work}/grid.png"]
 EVALUATE = ["evaluate", "--images", "{images}", "--subject-dir", "{subject}", "--class-noun", "star",
             "--scorer", "toy", "--out", "{work}/eval"]
+EVALUATE_RUN = ["evaluate", "--model", "{run}", "--subject-dir", "{subject}", "--class-noun", "star",
+                "--steps", "1", "--out", "{work}/eval"]
+
+
+def not_yet(*case):
+    """A case that still fails, marked so: the file is read outside tinybooth.checkpoint / tinybooth.files
+    (schedule.py, text.py use json.loads). Strict: once fixed, the mark must go."""
+    return pytest.param(case, id=case[0], marks=pytest.mark.xfail(
+        strict=True, reason="read with json.loads; use tinybooth.files.read_json"))
+
 RANDOM = bytes(range(256)) * 8
 
 CASES = [
@@ -210,6 +238,16 @@ CASES = [
      "--images-per-prompt must be at least 2"),
     ("--model and --images together", subject(lambda s, i: None), EVALUATE + ["--model", "{work}"],
      "give --model (generate, then score) or --images"),
+    ("stage-I model given as --sr-model", model(), SAMPLE + ["--sr-model", "{model}"],
+     "--sr-model must be an IF stage-II directory"),
+    ("text-encoder weights a pickled .bin", model(pickled_bin), SAMPLE, "holds pickled Python objects"),
+    ("subject folder is a file", subject(lambda s, _: shutil.rmtree(s) or s.write_text("x")), EVALUATE,
+     "subject' does not exist or is not a directory"),
+    ("run's settings.json invalid JSON", run_folder, EVALUATE_RUN, "settings.json' is not valid JSON (line 1"),
+    not_yet("scheduler_config.json invalid JSON", model(lambda m: truncate(m / SCHEDULER, 10)), SAMPLE,
+            "scheduler_config.json' is not valid JSON"),
+    not_yet("tokenizer_config.json invalid JSON", model(lambda m: truncate(m / TOKENIZER_CONFIG, 10)), SAMPLE,
+            "tokenizer_config.json' is not valid JSON"),
     ("checkpoint.pt of random bytes", file_setup(lambda f: f.write_bytes(RANDOM)), ["library", LOAD_CHECKPOINT, "{f}"],
      "f' is not a tinybooth checkpoint"),
     ("checkpoint.pt of 0 bytes", file_setup(lambda f: f.write_bytes(b"")), ["library", LOAD_CHECKPOINT, "{f}"],
@@ -297,7 +335,12 @@ def check(case, status, stderr, before, after):
     assert not leftovers, f"{name}: temporary files left behind: {leftovers}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def plain(case):
+    """A CASES entry as a plain tuple (the not_yet ones are wrapped in pytest.param)."""
+    return case.values[0] if hasattr(case, "values") else case
+
+
+@pytest.mark.parametrize("case", [c if hasattr(c, "values") else pytest.param(c, id=c[0]) for c in CASES])
 def test_fault_ends_with_one_error_line_and_loses_nothing(case, tmp_path):
     check(case, *run_case(case, tmp_path))
 
@@ -308,7 +351,7 @@ AS_SUBPROCESS = ["U-Net weights cut in half", "subject PNG of 20000x20000 pixels
 @pytest.mark.parametrize("name", AS_SUBPROCESS)
 def test_fault_as_a_real_command_line(name, tmp_path):
     """A few cases once more through `python -m ...` itself: the in-process runs above stand for the real thing."""
-    case = next(c for c in CASES if c[0] == name)
+    case = next(plain(c) for c in CASES if plain(c)[0] == name)
     check(case, *run_case(case, tmp_path, root=REPO))
 
 
@@ -327,7 +370,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Run every case against a checkout; print markdown table rows.")
     p.add_argument("--root", type=Path, default=REPO, help="the checkout whose tinybooth is run")
     args = p.parse_args()
-    for case in CASES:
+    for case in map(plain, CASES):
         with tempfile.TemporaryDirectory() as tmp:
             status, stderr, before, after = run_case(case, Path(tmp), root=args.root.resolve())
         lost = [k for k in before if after.get(k) != before[k]]

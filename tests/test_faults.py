@@ -12,7 +12,7 @@ argv's first word is the command: `sample`, `evaluate`, or `library` (a snippet 
 `tinybooth.errors.main_guard`, as a command would).
 
 The table of before/after results is in tests/FAULTS.md; regenerate its columns with
-    python tests/test_faults.py --root /path/to/a/checkout     (prints one markdown row per case)
+    PYTHONPATH=. python tests/test_faults.py --root /path/to/a/checkout    (one markdown row per case)
 """
 import contextlib
 import hashlib

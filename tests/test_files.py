@@ -106,6 +106,16 @@ def test_failure_mid_directory_keeps_the_old_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"], "the temporary folder must be removed"
 
 
+def test_a_save_killed_between_the_renames_is_recovered_by_the_next(tmp_path):
+    dst = tmp_path / "model"
+    (tmp_path / "model.old-abc").mkdir()  # kill -9 after 'rename old dst to the backup', before 'rename new in'
+    (tmp_path / "model.old-abc" / "weights.bin").write_bytes(b"old")
+    (tmp_path / "model.tmp-abc").mkdir()
+    files.recover_directory(dst)
+    assert listing(dst) == {"weights.bin": b"old"}, "the backup must become the folder again"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"], "the half-written temporary must go"
+
+
 def test_full_disk_mid_directory_names_the_folder(tmp_path, full_disk):
     dst = tmp_path / "model"
     dst.mkdir()

@@ -19,10 +19,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import files as atomic
+from .files import atomic_path, atomic_write_text, one_line_short, read_json as read_json_file
 from .errors import UserError
 
 DOWNLOAD_HINT = "python weights_download.py --list  (shows which download command fetches it)"
@@ -64,7 +64,7 @@ def read_json(path):
     """A JSON file of a model directory as a dict; a missing or malformed file is a CheckpointError naming it."""
     if not Path(path).exists():
         raise CheckpointError(_with_hint(f"'{path}' is missing", path))
-    return atomic.read_json(path, error=CheckpointError)
+    return read_json_file(path, error=CheckpointError)
 
 
 def read_config(path):
@@ -122,7 +122,7 @@ def read_weight_file(file):
         if "weights_only" in str(e):
             raise CheckpointError(f"weights file '{file}' holds pickled Python objects, which tinybooth refuses to "
                                   f"load (they can run code); use a .safetensors file") from e
-        reason = atomic.one_line_short(e)
+        reason = one_line_short(e)
         raise CheckpointError(_with_hint(f"weights file '{file}' is truncated or corrupt ({reason}); download it "
                                          f"again", file)) from e
 
@@ -189,7 +189,7 @@ def load_pretrained(cls, path, stem, dtype=None, device=None, variant=None, conv
             raise
         except (ValueError, KeyError, TypeError) as e:  # a config this network cannot be built from
             raise CheckpointError(f"'{path / 'config.json'}' does not describe a {cls.__name__} tinybooth can "
-                                  f"build ({type(e).__name__}: {atomic.one_line_short(e, 300)}); restore that "
+                                  f"build ({type(e).__name__}: {one_line_short(e, 300)}); restore that "
                                   f"file") from e
     load_into(model, state, name=name)
     return model.eval()
@@ -202,7 +202,7 @@ def save_pretrained(module, path, config, stem, variant=None):
     v = f".{variant}" if variant else ""
     state = {k: t.detach().contiguous().cpu() for k, t in module.state_dict().items()}
     target = path / f"{stem}{v}.safetensors"
-    with atomic.atomic_path(target) as tmp:
+    with atomic_path(target) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    atomic.atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True))
+    atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True))
     return target

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .files import atomic_path
 
 NOT_IMAGES = {".txt", ".md", ".json", ".yaml", ".yml", ".csv", ".toml", ".ini", ".py"}
 
@@ -176,7 +177,6 @@ def save_image(x, path):
     looks finished: the class-image cache relies on that)."""
     path = Path(path)
     arr = to_uint8(x[None])[0]
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # removed on failure; a full disk says so, naming path
+        Image.fromarray(arr).save(tmp, format="PNG")
     return path

@@ -11,6 +11,7 @@ disk is reported as the UserError "no space left on device while writing <path>"
         save_pipeline(tmp)                            # ... and it replaces run/model only if this returns
 """
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -85,12 +86,14 @@ def atomic_torch_save(obj, path):
 def atomic_directory(dst):
     """Yield a temporary sibling folder `dst.tmp-xxxx`; when the block succeeds it replaces `dst`.
 
-    The swap: rename the old dst to a backup, rename the new one in, remove the backup. On any failure inside
-    the block the temporary folder is removed and dst is untouched; if the swap itself fails, the backup is
-    renamed back.
+    The swap: rename the old dst to a backup `dst.old-xxxx`, rename the new one in, remove the backup. On any
+    failure inside the block the temporary folder is removed and dst is untouched; if the swap itself fails, the
+    backup is renamed back. A process killed between the two renames leaves the backup: the next save puts it
+    back first (`recover_directory`).
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(dst)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f"{dst.name}.tmp-"))
     try:
         yield tmp
@@ -100,6 +103,17 @@ def atomic_directory(dst):
             raise no_space_error(dst) from e
         raise
     _swap_in(tmp, dst)
+
+
+def recover_directory(dst):
+    """Undo what a killed atomic_directory left next to dst: a backup without dst is renamed back; leftover
+    temporaries and backups beside a complete dst are removed."""
+    dst = Path(dst)
+    backups = sorted(dst.parent.glob(f"{glob.escape(dst.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+    if backups and not dst.exists():
+        os.replace(backups.pop(), dst)
+    for leftover in backups + list(dst.parent.glob(f"{glob.escape(dst.name)}.tmp-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _swap_in(new, dst):

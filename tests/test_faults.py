@@ -1,6 +1,6 @@
 """The fault battery (issue 14): bad inputs given to the commands, each answered with one clear line.
 
-Every case builds a bad input in a fresh folder, runs a command as a user would (a subprocess), and checks
+Every case builds a bad input in a fresh folder, runs a command on it as a user would, and checks
   - the exit status is 2 (a user's mistake, not a crash),
   - stderr holds exactly one line starting `error:`, and it names the file or flag (the expected text),
   - no Python traceback,
@@ -10,6 +10,10 @@ Adding a case is one line in CASES: (name, setup, argv, expected text). `setup(w
 inside the folder `work` and returns a dict of names used in argv (`{model}`, `{subject}`, ...; `{work}` always).
 argv's first word is the command: `sample`, `evaluate`, or `library` (a snippet of library code run through
 `tinybooth.errors.main_guard`, as a command would).
+
+The cases run in this process through the command's `main` (main_guard inside, the code `python -m` runs):
+starting Python costs 2.5 s of CPU to import torch, 90 s for the battery. Three of them run once more as real
+subprocesses (test_fault_as_a_real_command_line), as every case did for the table below.
 
 The table of before/after results is in tests/FAULTS.md; regenerate its columns with
     PYTHONPATH=. python tests/test_faults.py --root /path/to/a/checkout    (one markdown row per case)
@@ -52,10 +56,10 @@ def main(argv):
     return 0
 sys.exit(main_guard(main))
 """
-LOAD_CHECKPOINT = ("from tinybooth import files; files.load_checkpoint(argv[0]) if hasattr(files, 'load_checkpoint') "
-                   "else __import__('torch').load(argv[0], map_location='cpu', weights_only=True)")
+LOAD_CHECKPOINT = ("import importlib.util, torch; importlib.import_module('tinybooth.files').load_checkpoint(argv[0]) "
+                   "if importlib.util.find_spec('tinybooth.files') else "   # before tinybooth.files: train's torch.load
+                   "torch.load(argv[0], map_location='cpu', weights_only=True)")
 LOAD_UNET = "from tinybooth.unet import UNet; UNet.from_pretrained(argv[0])"
-LOAD_IMAGES = "from tinybooth import data; data.load_instance_images(argv[0], 32)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,13 +359,16 @@ def test_fault_as_a_real_command_line(name, tmp_path):
     check(case, *run_case(case, tmp_path, root=REPO))
 
 
-def describe(status, stderr):
-    """One table cell: the exit status and the line a user sees (the last line of a traceback)."""
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("  ", "\t"))]
-    shown = next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "")
+def describe(status, stderr, work):
+    """One table cell: the exit status, how many lines stderr held, and the line a user reads first (the error
+    line, or a traceback's last line), with the case's folder written <work>."""
+    lines = [line for line in stderr.replace(str(work), "<work>").splitlines() if line.strip()]
+    tops = [line for line in lines if not line.startswith((" ", "\t"))]
+    shown = next((line for line in tops if line.startswith("error:")), tops[-1] if tops else "")
     shown = shown.replace("|", "\\|")
-    shown = shown if len(shown) <= 150 else shown[:147] + "..."
-    return f"exit {status}{', traceback' if 'Traceback' in stderr else ''}: `{shown}`"
+    shown = shown if len(shown) <= 200 else shown[:197] + "..."
+    more = ", traceback" if "Traceback" in stderr else f", {len(lines)} lines" if len(lines) > 1 else ""
+    return f"exit {status}{more}: `{shown}`"
 
 
 if __name__ == "__main__":
@@ -369,10 +376,11 @@ if __name__ == "__main__":
     import tempfile
     p = argparse.ArgumentParser(description="Run every case against a checkout; print markdown table rows.")
     p.add_argument("--root", type=Path, default=REPO, help="the checkout whose tinybooth is run")
+    p.add_argument("names", nargs="*", help="only the cases whose name contains one of these")
     args = p.parse_args()
-    for case in map(plain, CASES):
+    for case in [c for c in map(plain, CASES) if not args.names or any(n in c[0] for n in args.names)]:
         with tempfile.TemporaryDirectory() as tmp:
             status, stderr, before, after = run_case(case, Path(tmp), root=args.root.resolve())
+            cell = describe(status, stderr, Path(tmp) / "work")
         lost = [k for k in before if after.get(k) != before[k]]
-        print(f"| {case[0]} | {describe(status, stderr)}{' (files changed: ' + str(lost) + ')' if lost else ''} |",
-              flush=True)
+        print(f"| {case[0]} | {cell}{' (files changed: ' + str(lost) + ')' if lost else ''} |", flush=True)

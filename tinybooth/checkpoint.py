@@ -22,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .files import atomic_path, atomic_write_text, one_line_short, read_json as read_json_file
+from .files import atomic_path, atomic_write_text, is_refused_pickle, one_line_short
+from .files import read_json as read_json_file
 from .errors import UserError
 
 DOWNLOAD_HINT = "python weights_download.py --list  (shows which download command fetches it)"
@@ -119,7 +120,7 @@ def read_weight_file(file):
     except PermissionError:
         raise CheckpointError(f"weights file '{file}' cannot be read (permission denied); make it readable") from None
     except Exception as e:  # SafetensorError, UnpicklingError, RuntimeError, EOFError...: the file is not whole
-        if "weights_only" in str(e):
+        if is_refused_pickle(e):
             raise CheckpointError(f"weights file '{file}' holds pickled Python objects, which tinybooth refuses to "
                                   f"load (they can run code); use a .safetensors file") from e
         reason = one_line_short(e)

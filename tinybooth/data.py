@@ -74,10 +74,10 @@ def open_image(path):
     path = Path(path)
     name = _display_name(path)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "file")  # 'JPEG' for .jpg, until Pillow says
+    if path.stat().st_size == 0:
+        raise InstanceImageError(f"instance image '{name}' cannot be read (empty file, 0 bytes); remove it or "
+                                 f"re-export it")
     try:
-        if path.stat().st_size == 0:
-            raise InstanceImageError(f"instance image '{name}' cannot be read (empty file, 0 bytes); remove it or "
-                                     f"re-export it")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             img = Image.open(path)

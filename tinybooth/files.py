@@ -177,11 +177,17 @@ def load_checkpoint(path):
         raise UserError(f"no checkpoint at '{path}'")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, IndexError, EOFError... for bad files
-        reason = "it holds pickled objects, refused for safety" if "weights_only" in str(e) else \
-            f"{type(e).__name__}: {one_line_short(e)}"
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for a file it cannot read
+        reason = ("it holds pickled Python objects, refused for safety" if is_refused_pickle(e) else
+                  "it is empty (0 bytes)" if path.stat().st_size == 0 else
+                  "not a file written by torch.save, or one cut short")
         raise UserError(f"'{path}' is not a tinybooth checkpoint ({reason}); delete it to start afresh, or point "
                         f"--output-dir at the run it belongs to") from e
+
+
+def is_refused_pickle(exc):
+    """True when torch.load(weights_only=True) refused a pickled object (rather than failing on broken bytes)."""
+    return "Unsupported global" in str(exc)
 
 
 def one_line_short(exc, limit=120):

@@ -138,7 +138,7 @@ def generate(model, prompts, sr_model=None, num_images=1, seed=0, steps=None, gu
     try:
         c, _ = cascade.encode_prompts(prompts + [""], model, family, cache_dir=cache_dir,
                                       device=text_device or device, dtype=text_dtype)
-    except (CheckpointError, FileNotFoundError) as e:
+    except FileNotFoundError as e:  # a tokenizer file; a CheckpointError already says what to do
         raise CheckpointError(f"{e}\n{download_hint(model)}") from None
     c, c_uncond = c[:-1].repeat_interleave(num_images, 0), c[-1:]          # [P N, L, D], [1, L, D]
 

@@ -153,3 +153,10 @@ def test_mismatch_is_one_line_naming_the_weight_file(tmp_path):
 def test_checkpoint_error_is_a_user_error():
     from tinybooth.errors import UserError
     assert issubclass(CheckpointError, UserError), "commands print UserErrors as one 'error:' line"
+
+
+def test_corrupt_bin_file_is_named(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin' is truncated or corrupt \(not a file written by "
+                                              r"torch\.save\); download it again"):
+        read_state_dict(find_weight_files(tmp_path, "model"))

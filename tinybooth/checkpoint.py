@@ -119,11 +119,13 @@ def read_weight_file(file):
             return {key: f.get_tensor(key) for key in f.keys()}
     except PermissionError:
         raise CheckpointError(f"weights file '{file}' cannot be read (permission denied); make it readable") from None
+    except MemoryError:
+        raise
     except Exception as e:  # SafetensorError, UnpicklingError, RuntimeError, EOFError...: the file is not whole
         if is_refused_pickle(e):
             raise CheckpointError(f"weights file '{file}' holds pickled Python objects, which tinybooth refuses to "
                                   f"load (they can run code); use a .safetensors file") from e
-        reason = one_line_short(e)
+        reason = "not a file written by torch.save" if file.suffix == ".bin" else one_line_short(e)  # safetensors
         raise CheckpointError(_with_hint(f"weights file '{file}' is truncated or corrupt ({reason}); download it "
                                          f"again", file)) from e
 
@@ -175,8 +177,8 @@ def load_pretrained(cls, path, stem, dtype=None, device=None, variant=None, conv
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(_with_hint(f"model directory '{path}' does not exist", path) if download_hint(path)
-                              else f"model directory '{path}' does not exist; check the path ({DOWNLOAD_HINT})")
+        raise CheckpointError(f"model directory '{path}' does not exist; "
+                              f"{download_hint(path) or 'check the path (' + DOWNLOAD_HINT + ')'}")
     config = read_config(path)
     files = find_weight_files(path, stem, variant)
     state = read_state_dict(files, dtype=dtype, device=device or "cpu")

@@ -177,6 +177,8 @@ def load_checkpoint(path):
         raise UserError(f"no checkpoint at '{path}'")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for a file it cannot read
         reason = ("it holds pickled Python objects, refused for safety" if is_refused_pickle(e) else
                   "it is empty (0 bytes)" if path.stat().st_size == 0 else

@@ -3,8 +3,9 @@
 Users bring photos from phones and the web, so a directory holds whatever a camera or an editor wrote. Every file
 becomes one float tensor in [-1, 1] of shape [3, R, R], the range the diffusion models were trained on:
 
-    1. open it and decode it fully; a file that cannot be decoded is an error naming the file (never skipped
-       silently: a missing photo changes what the model learns),
+    1. open it and decode it fully; a file that cannot be decoded (empty, truncated, unreadable, or larger than
+       Pillow's decompression-bomb limit) is an error naming the file, and a broken link is named in a warning
+       (never skipped silently: a missing photo changes what the model learns),
     2. apply the EXIF orientation (phones store portrait photos as rotated landscape pixels plus a tag),
     3. convert to RGB in [0, 1]:  greyscale is repeated, a palette is expanded, 16-bit images keep their precision
        (/65535), and transparent images (RGBA, LA, palette with transparency) are composited on WHITE, the usual

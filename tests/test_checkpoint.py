@@ -68,7 +68,8 @@ def test_bin_file_is_read_without_unpickling_code(tmp_path):
     assert set(read_state_dict(find_weight_files(tmp_path, "model"))) == {"proj.weight", "proj.bias", "norm.weight",
                                                                           "norm.bias"}
     torch.save({"evil": object()}, tmp_path / "pytorch_model.bin")  # arbitrary pickled objects are refused
-    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+    with pytest.raises(CheckpointError, match="pytorch_model.bin' holds pickled Python objects, which tinybooth "
+                                              "refuses to load"):
         read_state_dict(find_weight_files(tmp_path, "model"))
 
 
@@ -87,6 +88,75 @@ def test_errors_name_missing_unexpected_and_mis_shaped_keys(tmp_path):
     assert "proj.weight: checkpoint (4, 5) vs model (4, 4)" in message
 
 
-def test_missing_directory_says_how_to_download(tmp_path):
-    with pytest.raises(CheckpointError, match="weights_download.py"):
+def test_missing_directory_of_a_known_model_says_how_to_download(tmp_path):
+    with pytest.raises(CheckpointError, match=r"does not exist; download it with:  python weights_download.py "
+                                              r"IF-II-M-v1\.0 --dir"):
+        load_pretrained(Tiny, tmp_path / "IF-II-M-v1.0" / "unet", "model")
+    with pytest.raises(CheckpointError, match=r"'.*nope' does not exist; check the path"):
         load_pretrained(Tiny, tmp_path / "nope", "model")
+
+
+def test_local_folder_without_weights_says_what_is_missing_without_a_download_command(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"width": 4}))
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(Tiny, tmp_path, "model")
+    assert "no weights in" in str(err.value) and "model.safetensors" in str(err.value)
+    assert "weights_download" not in str(err.value), "a user's own folder needs no download command"
+
+
+def test_truncated_safetensors_names_the_file_and_says_to_download_again(tmp_path):
+    model = Tiny(4)
+    save_pretrained(model, tmp_path, model.config, "model")
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    for keep in (7, len(raw) // 2):  # the header cut, then the tensors cut
+        (tmp_path / "model.safetensors").write_bytes(raw[:keep])
+        with pytest.raises(CheckpointError, match=r"weights file '.*model\.safetensors' is truncated or corrupt "
+                                                  r"\(.*\); download it again"):
+            load_pretrained(Tiny, tmp_path, "model")
+
+
+def test_invalid_config_json_names_the_file_and_line(tmp_path):
+    model = Tiny(4)
+    save_pretrained(model, tmp_path, model.config, "model")
+    (tmp_path / "config.json").write_text('{\n  "width": 4,\n}\n')
+    with pytest.raises(CheckpointError, match=r"config\.json' is not valid JSON \(line 3, column 1"):
+        load_pretrained(Tiny, tmp_path, "model")
+
+
+def test_config_the_network_cannot_be_built_from_names_the_file(tmp_path):
+    model = Tiny(4)
+    save_pretrained(model, tmp_path, model.config, "model")
+    (tmp_path / "config.json").write_text('{"hidden": 4}')  # Tiny.from_config needs "width": a KeyError
+    with pytest.raises(CheckpointError, match=r"config\.json' does not describe a Tiny tinybooth can build "
+                                              r"\(KeyError: 'width'\)"):
+        load_pretrained(Tiny, tmp_path, "model")
+
+
+def test_index_without_weight_map_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"width": 4}')
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match=r"index\.json' has no \"weight_map\""):
+        find_weight_files(tmp_path, "model")
+
+
+def test_mismatch_is_one_line_naming_the_weight_file(tmp_path):
+    state = Tiny(4).state_dict()
+    state.pop("norm.bias")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"width": 4}))
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(Tiny, tmp_path, "model")
+    assert "\n" not in str(err.value), "a command prints the message as one line"
+    assert "(model.safetensors) built from its config.json: missing (1): norm.bias" in str(err.value)
+
+
+def test_checkpoint_error_is_a_user_error():
+    from tinybooth.errors import UserError
+    assert issubclass(CheckpointError, UserError), "commands print UserErrors as one 'error:' line"
+
+
+def test_corrupt_bin_file_is_named(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin' is truncated or corrupt \(not a file written by "
+                                              r"torch\.save\); download it again"):
+        read_state_dict(find_weight_files(tmp_path, "model"))

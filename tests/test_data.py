@@ -3,6 +3,7 @@
 The images are generated here, in tmp_path, so each test shows exactly what it feeds the loader.
 """
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -175,3 +176,62 @@ def test_save_image_round_trips(tmp_path):
     assert not list(tmp_path.glob("*.tmp")), "save_image must not leave its temporary file behind"
     y = data.load_image(tmp_path / "x.png", 8)
     assert (x - y).abs().max() <= 1 / 255 + 1e-6, "PNG round trip must be exact up to 8-bit quantisation"
+
+
+def bomb_png(path, width=20000, height=20000):
+    """A tiny PNG file whose header claims width x height pixels: Pillow's decompression-bomb check trips on it
+    before decoding anything (a real 20000 x 20000 picture would take 400 MB to make)."""
+    def chunk(kind, body):
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])  # 8-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_broken_link_is_named_in_a_warning_and_skipped(tmp_path):
+    Image.fromarray(_gradient(8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "moved-away.png")
+    with pytest.warns(UserWarning, match=r"broken link.*'.*/b\.png' -> '.*moved-away\.png'"):
+        assert [p.name for p in data.list_images(tmp_path)] == ["a.png"]
+
+
+def test_folder_of_broken_links_is_an_error_naming_them(tmp_path):
+    (tmp_path / "b.png").symlink_to(tmp_path / "moved-away.png")
+    with pytest.raises(data.InstanceImageError, match=r"holds no images: '.*/b\.png' -> .* is a broken link"):
+        data.list_images(tmp_path)
+
+
+def test_decompression_bomb_is_named(tmp_path):
+    bomb_png(tmp_path / "huge.png")
+    with pytest.raises(data.InstanceImageError, match=r"'.*/huge\.png' is too large to open safely"):
+        data.load_instance_images(tmp_path, 8)
+
+
+def test_very_large_image_warning_names_the_file(tmp_path, monkeypatch):
+    Image.fromarray(_gradient(40, 40)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 - 1)  # 40 x 40 now counts as 'large', not a bomb
+    with pytest.warns(UserWarning, match=r"'.*/big\.png' is 40x40 pixels, unusually large"):
+        data.load_instance_images(tmp_path, 8)
+
+
+def test_zero_byte_file_says_it_is_empty(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(data.InstanceImageError, match=r"'.*/a\.jpg' cannot be read \(empty file, 0 bytes\)"):
+        data.load_instance_images(tmp_path, 8)
+
+
+def test_unreadable_file_names_the_permission_problem(tmp_path, monkeypatch):
+    Image.fromarray(_gradient(8, 8)).save(tmp_path / "a.png")
+
+    def denied(path, *args, **kwargs):  # what opening a chmod 000 file does (root would read it anyway)
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(Image, "open", denied)
+    with pytest.raises(data.InstanceImageError, match=r"'.*/a\.png' cannot be read \(permission denied\); make it "
+                                                      r"readable"):
+        data.load_instance_images(tmp_path, 8)
+
+
+def test_instance_image_error_is_a_user_error():
+    from tinybooth.errors import UserError
+    assert issubclass(data.InstanceImageError, UserError), "commands print UserErrors as one 'error:' line"

@@ -102,13 +102,14 @@ def test_a_full_disk_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def full_disk(obj, f, *a, **k):
-        open(f, "wb").write(b"partial")
+        f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(CheckpointError, match="no space left on device while writing"):
         training.save_checkpoint(path, {"step": 2})
-    assert path.read_bytes() == before and not (tmp_path / "checkpoint.pt.tmp").exists()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"], \
+        "the previous checkpoint is intact and no temporary file is left"
 
 
 def test_a_foreign_checkpoint_is_refused_by_name(tmp_path):

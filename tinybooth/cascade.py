@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from . import text
 from .samplers import classifier_free_guidance, custom_timesteps, sample
+from .errors import UserError
 
 IF_NOISE_LEVEL = 250  # IF stage II's default augmentation step (of 1000), diffusers' IFSuperResolutionPipeline
 
@@ -73,7 +74,7 @@ def level_from_continuous(t, num_train_timesteps=1000):
     for how far each step's noise is from the continuous schedule's.
     """
     if not 0.0 <= t <= 1.0:
-        raise ValueError(f"continuous noise level t = {t} must lie in [0, 1] (the paper uses 1e-3 and 1e-5)")
+        raise UserError(f"continuous noise level t = {t} must lie in [0, 1] (the paper uses 1e-3 and 1e-5)")
     # BEGIN ASSIGN 7.2
     # HINT: k = round(t * T), clamped to the last step T - 1
     return min(round(t * num_train_timesteps), num_train_timesteps - 1)
@@ -91,7 +92,7 @@ def parse_noise_level(text):
 def continuous_from_level(k, num_train_timesteps=1000):
     """IF's discrete step k as the paper's continuous level t = k / T (the inverse of level_from_continuous)."""
     if not 0 <= k < num_train_timesteps:
-        raise ValueError(f"noise level {k} must be a step in 0..{num_train_timesteps - 1}")
+        raise UserError(f"noise level {k} must be a step in 0..{num_train_timesteps - 1}")
     return k / num_train_timesteps
 
 
@@ -107,7 +108,7 @@ def noise_augment(x_up, level, noising_schedule, noise=None, generator=None):
     B, T = x_up.shape[0], noising_schedule.num_train_timesteps
     level = torch.as_tensor(level, dtype=torch.long, device=x_up.device).expand(B).clone()  # [B]
     if level.min() < 0 or level.max() >= T:
-        raise ValueError(f"noise level must be a step in 0..{T - 1} of the noising schedule, got {level.tolist()}")
+        raise UserError(f"noise level must be a step in 0..{T - 1} of the noising schedule, got {level.tolist()}")
     if noise is None:
         gen_device = generator.device if generator is not None else x_up.device
         noise = torch.randn(x_up.shape, generator=generator, device=gen_device, dtype=x_up.dtype).to(x_up.device)
@@ -175,7 +176,7 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
     entry keeps the precision it was first computed in (bf16 and fp32 encoder outputs differ slightly).
     """
     if family not in ("if", "sd"):
-        raise ValueError(f"family '{family}' is not supported; use 'if' (T5) or 'sd' (CLIP)")
+        raise UserError(f"family '{family}' is not supported; use 'if' (T5) or 'sd' (CLIP)")
     texts = [t.lower().strip() for t in texts] if family == "if" else list(texts)
     model_dir = Path(model_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()

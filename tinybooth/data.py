@@ -3,8 +3,9 @@
 Users bring photos from phones and the web, so a directory holds whatever a camera or an editor wrote. Every file
 becomes one float tensor in [-1, 1] of shape [3, R, R], the range the diffusion models were trained on:
 
-    1. open it and decode it fully; a file that cannot be decoded is an error naming the file (never skipped
-       silently: a missing photo changes what the model learns),
+    1. open it and decode it fully; a file that cannot be decoded (empty, truncated, unreadable, or larger than
+       Pillow's decompression-bomb limit) is an error naming the file, and a broken link is named in a warning
+       (never skipped silently: a missing photo changes what the model learns),
     2. apply the EXIF orientation (phones store portrait photos as rotated landscape pixels plus a tag),
     3. convert to RGB in [0, 1]:  greyscale is repeated, a palette is expanded, 16-bit images keep their precision
        (/65535), and transparent images (RGBA, LA, palette with transparency) are composited on WHITE, the usual
@@ -17,6 +18,7 @@ becomes one float tensor in [-1, 1] of shape [3, R, R], the range the diffusion 
 Files whose extension says they are notes or metadata (.txt, .md, .json, .yaml, ...) and hidden files are not
 images and are left alone; any other file is expected to be an image.
 """
+import os
 import warnings
 from pathlib import Path
 
@@ -25,21 +27,38 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+from .files import atomic_path
+
 NOT_IMAGES = {".txt", ".md", ".json", ".yaml", ".yml", ".csv", ".toml", ".ini", ".py"}
 
 
-class InstanceImageError(ValueError):
+class InstanceImageError(UserError):
     """An instance directory is empty, missing, or holds a file that is not a readable image."""
 
 
 def list_images(directory):
-    """The image files of an instance directory, sorted by name (so runs are reproducible)."""
+    """The image files of an instance directory, sorted by name (so runs are reproducible).
+
+    A symbolic link whose target is gone is named in a warning (an error when no image is left): a photo that
+    silently goes missing changes what the model learns.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise InstanceImageError(f"instance directory '{directory}' does not exist or is not a directory; "
                                  f"pass the folder holding the subject's photos")
-    files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in NOT_IMAGES)
+    candidates = sorted(p for p in directory.iterdir()
+                        if not p.name.startswith(".") and p.suffix.lower() not in NOT_IMAGES)
+    broken = [p for p in candidates if p.is_symlink() and not p.exists()]
+    files = [p for p in candidates if p.is_file()]
+    names = ", ".join(f"'{_display_name(p)}' -> '{os.readlink(p)}'" for p in broken)
+    if broken and not files:
+        raise InstanceImageError(f"instance directory '{directory}' holds no images: {names} "
+                                 f"{'is a broken link' if len(broken) == 1 else 'are broken links'} (the file "
+                                 f"pointed to is gone); copy the photos themselves into the folder")
+    if broken:
+        warnings.warn(f"skipping broken link(s) in the instance directory: {names} (the file pointed to is gone); "
+                      f"copy the photo itself into the folder to train on it", stacklevel=2)
     if not files:
         raise InstanceImageError(f"instance directory '{directory}' holds no images; put the 3-5 photos of your "
                                  f"subject there (PNG or JPEG)")
@@ -54,18 +73,37 @@ def _display_name(path):
 def open_image(path):
     """Decode an image file completely and apply its EXIF orientation; errors name the file and what to do."""
     path = Path(path)
+    name = _display_name(path)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "file")  # 'JPEG' for .jpg, until Pillow says
+    if path.stat().st_size == 0:
+        raise InstanceImageError(f"instance image '{name}' cannot be read (empty file, 0 bytes); remove it or "
+                                 f"re-export it")
     try:
-        img = Image.open(path)
-        fmt = img.format or fmt
-        img.load()  # decode now: a truncated file fails here, not halfway through training
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            fmt = img.format or fmt
+            img.load()  # decode now: a truncated file fails here, not halfway through training
+    except PermissionError:
+        raise InstanceImageError(f"instance image '{name}' cannot be read (permission denied); make it readable "
+                                 f"(chmod u+r '{path}') or remove it") from None
+    except Image.DecompressionBombError:
+        raise InstanceImageError(f"instance image '{name}' is too large to open safely (over "
+                                 f"{2 * Image.MAX_IMAGE_PIXELS} pixels, Pillow's guard against decompression bombs); "
+                                 f"resize it to a few thousand pixels per side or remove it") from None
     except UnidentifiedImageError:
-        raise InstanceImageError(f"instance image '{_display_name(path)}' cannot be read (not an image format "
-                                 f"Pillow knows, or an empty file); remove it or re-export it as PNG/JPEG") from None
+        raise InstanceImageError(f"instance image '{name}' cannot be read (not an image format Pillow knows); "
+                                 f"remove it or re-export it as PNG/JPEG") from None
     except (OSError, SyntaxError, ValueError) as e:
         reason = f"truncated {fmt}" if "truncated" in str(e).lower() else f"{fmt}: {e}"
-        raise InstanceImageError(f"instance image '{_display_name(path)}' cannot be read ({reason}); "
+        raise InstanceImageError(f"instance image '{name}' cannot be read ({reason}); "
                                  f"remove it or re-export it") from None
+    for w in caught:  # Pillow's size warning does not name the file: say which one it is
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            warnings.warn(f"instance image '{name}' is {img.size[0]}x{img.size[1]} pixels, unusually large; it "
+                          f"is read, but a smaller copy loads faster", stacklevel=2)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return ImageOps.exif_transpose(img)  # portrait photos: rotate the pixels the way the EXIF tag says
 
 
@@ -140,7 +178,6 @@ def save_image(x, path):
     looks finished: the class-image cache relies on that)."""
     path = Path(path)
     arr = to_uint8(x[None])[0]
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # removed on failure; a full disk says so, naming path
+        Image.fromarray(arr).save(tmp, format="PNG")
     return path

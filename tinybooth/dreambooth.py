@@ -26,6 +26,7 @@ import torch
 from . import cascade, data, rare_tokens
 from .generate import generate, stack
 from .loss import diffusion_loss, prior_preservation_loss
+from .errors import UserError
 
 # sample-grid prompts: the subject recontextualised and with changed properties, then the bare class prompt (does
 # "a star" still draw stars in general, or only the subject?)
@@ -44,7 +45,7 @@ def choose_identifier(tokenizer, seed=0, lower_case=False):
     for text in rare_tokens.rare_token_candidates(tokenizer, seed=seed):
         if rare_tokens.count_tokens(tokenizer, text) == 1 and (not lower_case or text == text.lower()):
             return text
-    raise ValueError("the rare-token search found no identifier that stays one token; pass --identifier")
+    raise UserError("the rare-token search found no identifier that stays one token; pass --identifier")
 
 
 def subject_prompt(identifier, class_noun, template="a {}"):

@@ -25,17 +25,11 @@ import torch
 
 from tinybooth import evaluation
 from tinybooth.cascade import parse_noise_level
-from tinybooth.errors import UserError, main_guard
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """A bad flag is a user's mistake like any other: one line (argparse would print the whole usage)."""
-        raise UserError(f"{message} (python -m tinybooth.evaluate --help lists every flag)")
+from tinybooth.errors import ArgumentParser, UserError, main_guard
 
 
 def build_parser():
-    p = Parser(prog="python -m tinybooth.evaluate", description=evaluation.__doc__,
+    p = ArgumentParser(prog="python -m tinybooth.evaluate", description=evaluation.__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     a = p.add_argument
     a("--model", action="append", help="a tinybooth.train run directory (settings.json, model/, sr_model/) or a "

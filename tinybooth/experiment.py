@@ -10,14 +10,13 @@ and an output folder, with the training machinery (tinybooth.training). `python 
 The output folder is never silently replaced: a finished or partial run there is refused unless `resume` (continue
 it) or `overwrite` is set, the input model is never written to, and every file is written atomically.
 """
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import cascade, data, dreambooth, lora, models, plots
+from . import cascade, data, dreambooth, files, lora, models, plots
 from .checkpoint import CheckpointError
 from .generate import encode_prompts, generate, pick_sampler, stack, super_resolve
 from .training import LoopSettings, Trainer, load_checkpoint, seed_everything
@@ -59,7 +58,7 @@ def _run(s):
     # 2. the subject's photos and the class images
     x_inst = data.load_instance_images(s.instance_dir, pipe.resolution).to(device)  # [N, 3, R, R]
     print_settings(s, c_prompt, c_pr_prompt, pipe, len(x_inst))
-    write_json(out / "settings.json", settings_record(s, c_prompt, c_pr_prompt))
+    files.atomic_write_json(out / "settings.json", settings_record(s, c_prompt, c_pr_prompt))
     t0 = time.time()
     x_class = None
     if s.prior_preservation:
@@ -90,7 +89,7 @@ def _run(s):
     plots.save_loss_plot(history, out / "loss.png")
     timings["samples_s"] = round(time.time() - t0, 1)
     metrics["timings"] = {**timings, "total_s": round(time.time() - t_start, 1)}
-    write_json(out / "metrics.json", {"settings": settings_record(s, c_prompt, c_pr_prompt), "sample_prompts": prompts,
+    files.atomic_write_json(out / "metrics.json", {"settings": settings_record(s, c_prompt, c_pr_prompt), "sample_prompts": prompts,
                                       **metrics, "history": history})
     print_outputs(out, metrics)
     return out
@@ -101,9 +100,9 @@ def _run(s):
 
 def check_output_dir(s):
     """Refuse to write over the input model, or over a finished or partial run without resume / overwrite."""
-    out, model = Path(s.output_dir).resolve(), Path(s.model).resolve()
-    for src in [model] + ([Path(s.sr_model).resolve()] if s.sr_model else []):
-        if out == src or out in src.parents or src in out.parents:
+    out = Path(s.output_dir)
+    for src in [s.model] + ([s.sr_model] if s.sr_model else []):
+        if files.is_inside(out, src) or files.is_inside(src, out):
             raise CheckpointError(f"--output-dir '{s.output_dir}' overlaps the input model '{src}'; the input model is "
                                   f"never written to: choose another --output-dir")
     found = [name for name in OUTPUTS if (out / name).exists()]
@@ -137,13 +136,6 @@ def resume_checkpoint(s):
 
 def slug(text):
     return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_")
-
-
-def write_json(path, obj):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def settings_record(s, c_prompt, c_pr_prompt):

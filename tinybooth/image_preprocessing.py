@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UserError
+
 PREPROCESSOR_FILE = "preprocessor_config.json"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -102,7 +104,7 @@ class ImagePreprocessing:
 def tensor_to_pil(x):
     """[B, 3, H, W] floats in [0, 1] -> list of 8-bit PIL images (round to nearest, like saving a PNG)."""
     if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected images as a [B, 3, H, W] tensor in [0, 1], got shape {tuple(x.shape)}")
+        raise UserError(f"expected images as a [B, 3, H, W] tensor in [0, 1], got shape {tuple(x.shape)}")
     a = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(im) for im in a]
 
@@ -117,7 +119,7 @@ def _hw(value, shortest_edge_if_int, where):
         return value["shortest_edge"]
     if isinstance(value, dict) and set(value) == {"height", "width"}:
         return value["height"], value["width"]
-    raise ValueError(f"{where}={value!r} is not supported; expected an int, {{'shortest_edge': S}} or "
+    raise UserError(f"{where}={value!r} is not supported; expected an int, {{'shortest_edge': S}} or "
                      f"{{'height': H, 'width': W}}")
 
 
@@ -130,12 +132,12 @@ def preprocessing_from_config(config, kind, name=PREPROCESSOR_FILE):
     when the file names none (the encoder's own: DINO's ViTImageProcessor, CLIP's CLIPImageProcessor)."""
     cls = config.get("image_processor_type") or config.get("feature_extractor_type")
     if cls is not None and cls not in PROCESSORS:
-        raise ValueError(f"{name}: image processor {cls!r} is not supported; expected one of {sorted(PROCESSORS)}")
+        raise UserError(f"{name}: image processor {cls!r} is not supported; expected one of {sorted(PROCESSORS)}")
     kind = PROCESSORS.get(cls, kind)
     c = {**(VIT_DEFAULTS if kind == "vit" else CLIP_DEFAULTS), **config}
     size = _hw(c["size"], kind == "clip", f"{name}: size") if c["do_resize"] else None
     if kind == "vit" and not isinstance(size, (tuple, type(None))):
-        raise ValueError(f"{name}: a ViT image processor resizes to {{'height': H, 'width': W}}, not {c['size']!r}")
+        raise UserError(f"{name}: a ViT image processor resizes to {{'height': H, 'width': W}}, not {c['size']!r}")
     crop = _hw(c["crop_size"], False, f"{name}: crop_size") if kind == "clip" and c["do_center_crop"] else None
     return ImagePreprocessing(size=size, crop=crop, resample=int(c["resample"]),
                               rescale=float(c["rescale_factor"]) if c["do_rescale"] else None,
@@ -152,7 +154,7 @@ def read_preprocessing(path, kind, default, image_size):
         return default
     pre = preprocessing_from_config(json.loads(file.read_text()), kind, name=str(file))
     if pre.output_size != (image_size, image_size):
-        raise ValueError(f"'{file}' prepares images of size {pre.output_size or 'varying with the image'} but the "
+        raise UserError(f"'{file}' prepares images of size {pre.output_size or 'varying with the image'} but the "
                          f"encoder takes {image_size}x{image_size}; fix size/crop_size in that file")
     return pre
 

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import UserError
+
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
 CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TEXT_TARGETS = ("q", "k", "v", "o") + CLIP_TARGETS  # T5's projections, then CLIP's
@@ -55,7 +57,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha):
         super().__init__()
         if rank < 1 or rank > min(base.in_features, base.out_features):
-            raise ValueError(f"LoRA rank {rank} must be between 1 and min(in, out) = "
+            raise UserError(f"LoRA rank {rank} must be between 1 and min(in, out) = "
                              f"{min(base.in_features, base.out_features)} for a {base.in_features}->"
                              f"{base.out_features} layer")
         self.base = base.requires_grad_(False)
@@ -116,7 +118,7 @@ def add_lora(model, rank, alpha=None, targets=UNET_TARGETS):
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_target(n, targets)]
     if not names:
-        raise ValueError(f"no Linear layer of {type(model).__name__} is named like {list(targets)}; "
+        raise UserError(f"no Linear layer of {type(model).__name__} is named like {list(targets)}; "
                          f"LoRA needs attention projections with the public names")
     for name in names:
         _set_module(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
@@ -212,11 +214,11 @@ def read_lora_files(path):
     for config_file in sorted(path.glob(f"*/{PEFT_CONFIG}")) if path.is_dir() else []:
         config = json.loads(config_file.read_text())
         if not (config_file.parent / PEFT_FILE).is_file():
-            raise ValueError(f"'{config_file}' has no {PEFT_FILE} beside it; save the adapters again")
+            raise UserError(f"'{config_file}' has no {PEFT_FILE} beside it; save the adapters again")
         with safe_open(str(config_file.parent / PEFT_FILE), framework="pt") as f:
             found[config_file.parent.name] = (config, {k.removeprefix(PEFT_PREFIX): f.get_tensor(k) for k in f.keys()})
     if not found:
-        raise ValueError(f"no LoRA adapters at '{path}'; train some with `python -m tinybooth.train --lora-rank 4`")
+        raise UserError(f"no LoRA adapters at '{path}'; train some with `python -m tinybooth.train --lora-rank 4`")
     return found
 
 
@@ -228,13 +230,13 @@ def load_lora(path, models, targets=None):
     found = read_lora_files(path)
     unknown = sorted(found.keys() - models.keys())
     if unknown:
-        raise ValueError(f"'{path}' holds LoRA adapters for {unknown} but only {sorted(models)} were given; "
+        raise UserError(f"'{path}' holds LoRA adapters for {unknown} but only {sorted(models)} were given; "
                          f"pass those models too")
     for prefix, (config, state) in found.items():
         model = models[prefix]
         if not lora_layers(model):
             if "r" not in config:
-                raise ValueError(f"'{path}' has no LoRA config (rank, alpha) for the {prefix} adapters")
+                raise UserError(f"'{path}' has no LoRA config (rank, alpha) for the {prefix} adapters")
             add_lora(model, int(config["r"]), config["lora_alpha"], targets or config.get("target_modules") or
                      (UNET_TARGETS if prefix == "unet" else TEXT_TARGETS))
         _copy_adapters(model, state, f"LoRA adapters of the {prefix} in '{path}'")
@@ -246,13 +248,13 @@ def _copy_adapters(model, state, name):
     expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"{name} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+        raise UserError(f"{name} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                          f"load them into the model they were trained on")
     for n, m in layers.items():
         for ab in "AB":
             p, t = getattr(m, f"lora_{ab}"), state[f"{n}.lora_{ab}.weight"]
             if p.shape != t.shape:
-                raise ValueError(f"{name}: {n}.lora_{ab}.weight is {tuple(t.shape)} in the file, "
+                raise UserError(f"{name}: {n}.lora_{ab}.weight is {tuple(t.shape)} in the file, "
                                  f"{tuple(p.shape)} in the model")
             p.data.copy_(t)
 
@@ -269,7 +271,7 @@ def save_kohya_lora(file, models):
     state = {}
     for prefix, model in models.items():
         if lora_layers(model) and not diffusers_reads(prefix, model):
-            raise ValueError(f"the {prefix} adapters (T5) have no kohya form; pass the U-Net and a CLIP text encoder")
+            raise UserError(f"the {prefix} adapters (T5) have no kohya form; pass the U-Net and a CLIP text encoder")
         for name, m in lora_layers(model).items():
             key = f"{prefixes[prefix]}_{name.replace('.', '_')}"
             state[f"{key}.lora_down.weight"] = m.lora_A.detach().float().cpu().contiguous()

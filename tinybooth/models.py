@@ -13,14 +13,15 @@ to run when a part is missing (`download_hint`), and how a personalised copy is 
 """
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .cascade import stored_variant
+from . import checkpoint
 from .checkpoint import CheckpointError
+from .files import atomic_directory, copy_tree, is_inside
 from .schedule import DiscreteSchedule
 from .text import CLIPTextEncoder, CLIPTokenizer, T5Encoder, T5Tokenizer
 from .unet import UNet
@@ -49,9 +50,6 @@ FAMILY_DEFAULTS = {
 }
 PIPELINE_CLASSES = {"IFPipeline": "if", "StableDiffusionPipeline": "sd", "IFSuperResolutionPipeline": "sr"}
 TEXT_CLASSES = {"if": (T5Tokenizer, T5Encoder), "sd": (CLIPTokenizer, CLIPTextEncoder)}  # (tokenizer, encoder)
-# the public models weights_download.py fetches, by the folder name it gives them
-KNOWN_MODELS = ("IF-I-XL-v1.0", "IF-I-L-v1.0", "IF-I-M-v1.0", "IF-II-L-v1.0", "IF-II-M-v1.0",
-                "stable-diffusion-v1-5", "dino-vits16", "clip-vit-base-patch32", "lpips-alex")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,10 +61,8 @@ def download_hint(model_dir):
     if d.resolve().parent == ASSETS:
         return ("the embedded toy cascade ships with the repository (git checkout tinybooth/assets) and can be "
                 "regenerated with:  python -m tinybooth.pretrain_toy --out tinybooth/assets")
-    if d.name in KNOWN_MODELS:
-        return f"download it with:  python weights_download.py {d.name} --dir {d.parent}"
-    return (f"check the path, or download a public model (python weights_download.py --list shows them: "
-            f"{', '.join(KNOWN_MODELS[:6])})")
+    return checkpoint.download_hint(d) or ("check the path, or download a public model (python weights_download.py "
+                                           "--list shows the models it fetches)")
 
 
 def model_index(model_dir):
@@ -74,11 +70,7 @@ def model_index(model_dir):
     index = Path(model_dir) / "model_index.json"
     if not index.exists():
         return {}
-    try:
-        return json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"'{index}' is not valid JSON (line {e.lineno}: {e.msg}); restore or re-download "
-                              f"it") from None
+    return checkpoint.read_json(index)
 
 
 def detect_family(model_dir):
@@ -198,41 +190,24 @@ def load_super_resolution(pipe, sr_dir, device="cpu", dtype=None):
 
 def save_pipeline(src, dst, trained):
     """Write a pipeline directory in the public layout: the trained components {name: module} with save_pretrained,
-    every other part (tokenizer, scheduler, ...) copied from src. Atomic: it is written to a temporary sibling and
-    then swapped in, so a crash or a full disk leaves either the previous dst or the new one, never a mixture."""
-    src, dst = Path(src).resolve(), Path(dst).resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
+    every other part (tokenizer, scheduler, ...) copied from src. Atomic (tinybooth.files.atomic_directory): a
+    crash or a full disk leaves either the previous dst or the new one, never a mixture. Copies, never links: the
+    outputs are the user's to edit, and editing them never edits the input model or the package."""
+    src, dst = Path(src), Path(dst)
+    if is_inside(dst, src) or is_inside(src, dst):
         raise CheckpointError(f"cannot write the personalised model to '{dst}': it overlaps the input model '{src}'; "
                               f"choose another --output-dir")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
+    with atomic_directory(dst) as tmp:
         for item in sorted(src.iterdir()):
             if item.name in trained:
                 continue
             if item.is_dir():
-                shutil.copytree(item, tmp / item.name)   # copies, never links: the outputs are the user's to edit
+                copy_tree(item, tmp / item.name)
             else:
                 shutil.copy2(item, tmp / item.name)
         for name, module in trained.items():
             module.save_pretrained(tmp / name)
-        swap_in(tmp, dst)
-    except OSError as e:
-        raise CheckpointError(f"no space left on device while writing '{dst}' (or it cannot be written: {e}); "
-                              f"free space and rerun: the previous '{dst.name}' is intact") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst
-
-
-def swap_in(new, dst):
-    """Replace directory dst by new: the old one is renamed aside first and removed only once new is in place."""
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    new.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def toy_class_noun():

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tinybooth import plots
-from tinybooth.errors import main_guard
+from tinybooth.errors import ArgumentParser, main_guard
 from tinybooth.text import T5Encoder, T5Tokenizer
 from tinybooth.toy import pretrain, quality
 from tinybooth.toy.evaluator import ToyEvaluator
@@ -25,7 +25,7 @@ from tinybooth.unet import UNet
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m tinybooth.pretrain_toy", description=pretrain.__doc__.split("\n")[0],
+    p = ArgumentParser(prog="python -m tinybooth.pretrain_toy", description=pretrain.__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--out", default=str(pretrain.ASSETS), help="where toy-IF-I/, toy-IF-II/, toy-evaluator/ are written")

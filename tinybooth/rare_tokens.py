@@ -29,6 +29,8 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+from .errors import UserError
+
 PAPER_RANGE = (5000, 10000)
 COMMON_WORDS = Path(__file__).parent / "assets" / "common_short_words.txt"
 LANGUAGES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian"}
@@ -38,7 +40,7 @@ def check_range(tokenizer, id_range):
     """Refuse ranges that are empty or leave the learned vocabulary (ids 0..tokenizer.num_pieces-1)."""
     lo, hi = id_range
     if not (0 <= lo < hi <= tokenizer.num_pieces):
-        raise ValueError(f"id range [{lo}, {hi}) is outside this tokenizer's vocabulary of {tokenizer.num_pieces} "
+        raise UserError(f"id range [{lo}, {hi}) is outside this tokenizer's vocabulary of {tokenizer.num_pieces} "
                          f"pieces (ids 0..{tokenizer.num_pieces - 1}); pick 0 <= lo < hi <= {tokenizer.num_pieces}, "
                          f"e.g. --range {tokenizer.num_pieces // 3} {2 * tokenizer.num_pieces // 3}")
 
@@ -72,12 +74,12 @@ def rare_token_candidates(tokenizer, id_range=PAPER_RANGE, max_chars=3, seed=0):
 def find_rare_identifier(tokenizer, k=1, id_range=PAPER_RANGE, max_chars=3, seed=0):
     """[V]: the first k rare-token candidates concatenated (k = 1..3 in the paper), reproducible from seed."""
     if k < 1:
-        raise ValueError(f"k={k}: the identifier is made of k >= 1 rare tokens (the paper uses 1 to 3)")
+        raise UserError(f"k={k}: the identifier is made of k >= 1 rare tokens (the paper uses 1 to 3)")
     # BEGIN ASSIGN 5.2
     # HINT: candidates = rare_token_candidates(...); refuse when fewer than k; "".join(candidates[:k])
     candidates = rare_token_candidates(tokenizer, id_range, max_chars, seed)
     if len(candidates) < k:
-        raise ValueError(f"only {len(candidates)} ids in {tuple(id_range)} de-tokenise to at most {max_chars} "
+        raise UserError(f"only {len(candidates)} ids in {tuple(id_range)} de-tokenise to at most {max_chars} "
                          f"characters; widen the range or lower k (k={k})")
     return "".join(candidates[:k])
     # END ASSIGN 5.2
@@ -124,7 +126,7 @@ def find_identifier(tokenizer, seed=0, lower_case=True, id_range=PAPER_RANGE):
     for text in rare_token_candidates(tokenizer, id_range, seed=seed):
         if why_not_identifier(tokenizer, text, id_range, lower_case) is None:
             return text
-    raise ValueError(f"none of the ids {id_range[0]}..{id_range[1] - 1} of this tokenizer gives a one-token, "
+    raise UserError(f"none of the ids {id_range[0]}..{id_range[1] - 1} of this tokenizer gives a one-token, "
                      f"non-word identifier; widen the range or pass --identifier")
 
 
@@ -142,7 +144,7 @@ def load_tokenizer(path):
         return T5Tokenizer.from_pretrained(path)
     if (path / "vocab.json").exists() or (path / CLIP_VOCAB_GZ).exists():
         return CLIPTokenizer.from_pretrained(path)
-    raise ValueError(f"'{path}' holds no tokenizer: expected spiece.model (T5, DeepFloyd IF's tokenizer/) or "
+    raise UserError(f"'{path}' holds no tokenizer: expected spiece.model (T5, DeepFloyd IF's tokenizer/) or "
                      f"vocab.json + merges.txt / {CLIP_VOCAB_GZ} (CLIP, Stable Diffusion's tokenizer/)")
 
 

@@ -23,15 +23,9 @@ import torch
 
 from tinybooth import models, plots
 from tinybooth.cascade import IF_NOISE_LEVEL, parse_noise_level
-from tinybooth.errors import UserError, main_guard
+from tinybooth.errors import ArgumentParser, main_guard
 from tinybooth.generate import text_to_image
 from tinybooth.samplers import IF_TIMESTEPS, SAMPLERS
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """A bad flag is a user's mistake like any other: one line (argparse would print the whole usage)."""
-        raise UserError(f"{message} (python -m tinybooth.sample --help lists every flag)")
 
 
 def parse_timesteps(text):
@@ -46,7 +40,7 @@ def parse_timesteps(text):
 
 
 def build_parser():
-    p = Parser(prog="python -m tinybooth.sample", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m tinybooth.sample", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", default=models.TOY_BASE, type=Path,
                    help="IF stage-I or SD pipeline directory (default: the embedded toy cascade)")

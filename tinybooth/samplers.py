@@ -26,6 +26,7 @@ function is pure: randomness comes from `noise=` or `generator=`.
 import torch
 
 from .schedule import predict_x_and_eps
+from .errors import UserError
 
 
 SAMPLERS = ("ancestral", "ddim", "pndm", "dpmpp-2m")
@@ -42,7 +43,7 @@ def sampler_from_config(config):
     """
     name = config.get("_class_name")
     if name not in SCHEDULER_SAMPLERS:
-        raise ValueError(f"scheduler config: _class_name = {name!r} is not a scheduler tinybooth implements "
+        raise UserError(f"scheduler config: _class_name = {name!r} is not a scheduler tinybooth implements "
                          f"({', '.join(SCHEDULER_SAMPLERS)}); choose a sampler from {SAMPLERS} explicitly")
     return SCHEDULER_SAMPLERS[name]
 
@@ -77,7 +78,7 @@ def timesteps(schedule, num_steps, spacing=None):
         return custom_timesteps(num_steps, T)
     spacing = spacing or schedule.config["timestep_spacing"]
     if not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps = {num_steps} must lie in 1..{T} (num_train_timesteps)")
+        raise UserError(f"num_steps = {num_steps} must lie in 1..{T} (num_train_timesteps)")
     # BEGIN ASSIGN 3.5
     # HINT: leading: arange(N) * (T // N) + steps_offset, reversed; trailing: round(arange(T, 0, -T / N)) - 1; linspace: round(linspace(0, T - 1, N)) with this module's numpy-exact linspace, reversed
     if spacing == "leading":
@@ -88,7 +89,7 @@ def timesteps(schedule, num_steps, spacing=None):
     if spacing == "linspace":
         return torch.round(linspace(0, T - 1, num_steps)).long().flip(0)
     # END ASSIGN 3.5
-    raise ValueError(f"timestep_spacing '{spacing}' is not supported; use 'leading', 'trailing' or 'linspace'")
+    raise UserError(f"timestep_spacing '{spacing}' is not supported; use 'leading', 'trailing' or 'linspace'")
 
 
 _timesteps = timesteps  # sample() has a `timesteps` argument that hides this function's name
@@ -99,15 +100,15 @@ def custom_timesteps(steps, num_train_timesteps):
     checked to be strictly descending within 0..T-1."""
     if isinstance(steps, str):
         if steps not in IF_TIMESTEPS:
-            raise ValueError(f"timesteps '{steps}' is not a named grid; use a list of steps or one of "
+            raise UserError(f"timesteps '{steps}' is not a named grid; use a list of steps or one of "
                              f"{', '.join(IF_TIMESTEPS)}")
         steps = IF_TIMESTEPS[steps]
     ts = torch.as_tensor(steps, device="cpu")
     if ts.ndim != 1 or len(ts) == 0 or ts.is_floating_point() or ts.dtype == torch.bool:
-        raise ValueError(f"timesteps {steps!r} must be a non-empty list of integer training steps")
+        raise UserError(f"timesteps {steps!r} must be a non-empty list of integer training steps")
     ts = ts.long()
     if ts.min() < 0 or ts.max() >= num_train_timesteps or (ts[1:] >= ts[:-1]).any():
-        raise ValueError(f"timesteps must be strictly descending within 0..{num_train_timesteps - 1}, "
+        raise UserError(f"timesteps must be strictly descending within 0..{num_train_timesteps - 1}, "
                          f"got {ts.tolist()}")
     return ts
 
@@ -214,7 +215,7 @@ def ancestral_step(model_out, t, t_prev, z_t, schedule, noise=None, generator=No
     cfg = schedule.config
     C = z_t.shape[1]
     if cfg["variance_type"] == "learned_range" and model_out.shape[1] != 2 * C:
-        raise ValueError(f"variance_type learned_range needs model_out with 2 x {C} channels (prediction + "
+        raise UserError(f"variance_type learned_range needs model_out with 2 x {C} channels (prediction + "
                          f"variance interpolation v), got {model_out.shape[1]}")
     alpha_bar_t, alpha_bar_s = _alpha_bars(schedule, t, t_prev, 1.0, z_t.device)
     x_hat, _ = _x_and_eps(model_out, z_t, alpha_bar_t, cfg)
@@ -254,9 +255,9 @@ def sample(denoise_fn, schedule, shape, num_steps=None, sampler="ddim", eta=0.0,
     Returns z_0 [shape], or (z_0, trajectory [N + 1, *shape], the state at each grid point) with return_trajectory.
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler '{sampler}' is not supported; use one of {SAMPLERS}")
+        raise UserError(f"sampler '{sampler}' is not supported; use one of {SAMPLERS}")
     if (num_steps is None) == (timesteps is None):
-        raise ValueError("give either num_steps (a step count) or timesteps (a list or a grid name), not both")
+        raise UserError("give either num_steps (a step count) or timesteps (a list or a grid name), not both")
     steps = num_steps if timesteps is None else timesteps
     if z_T is None:
         gen_device = generator.device if generator is not None else device

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 # diffusers' defaults for keys a scheduler_config.json may leave out (DDPMScheduler / DDIMScheduler agree on all
 # shared keys; variance_type is DDPM's, set_alpha_to_one DDIM's).
 DEFAULTS = dict(
@@ -126,7 +128,7 @@ def predict_x_and_eps(model_out, z_t, alpha_t, sigma_t, prediction_type):
         return model_out, eps_from_x(z_t, model_out, alpha_t, sigma_t)
     if prediction_type == "v_prediction":
         return x_from_v(z_t, model_out, alpha_t, sigma_t), eps_from_v(z_t, model_out, alpha_t, sigma_t)
-    raise ValueError(f"prediction_type '{prediction_type}' is not supported; use one of {CHOICES['prediction_type']}")
+    raise UserError(f"prediction_type '{prediction_type}' is not supported; use one of {CHOICES['prediction_type']}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ def make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end):
         alpha_bar = cosine_alpha_bar(torch.arange(T + 1, dtype=torch.float64, device="cpu") / T)  # [T + 1]
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=MAX_BETA).float()  # [T]
     # END ASSIGN 1.1
-    raise ValueError(f"beta_schedule '{beta_schedule}' is not supported; use one of {CHOICES['beta_schedule']}")
+    raise UserError(f"beta_schedule '{beta_schedule}' is not supported; use one of {CHOICES['beta_schedule']}")
 
 
 class DiscreteSchedule:
@@ -194,17 +196,17 @@ class DiscreteSchedule:
         given = {k for k, v in config.items() if v is not None or k not in DEFAULTS}
         config = {**DEFAULTS, **{k: config[k] for k in given}}
         if not (isinstance(config["num_train_timesteps"], int) and config["num_train_timesteps"] > 0):
-            raise ValueError(f"scheduler config: num_train_timesteps = {config['num_train_timesteps']!r} "
+            raise UserError(f"scheduler config: num_train_timesteps = {config['num_train_timesteps']!r} "
                              "must be a positive integer")
         for key, allowed in CHOICES.items():
             if config[key] not in allowed:
-                raise ValueError(f"scheduler config: {key} = '{config[key]}' is not supported; "
+                raise UserError(f"scheduler config: {key} = '{config[key]}' is not supported; "
                                  f"use one of {allowed}")
         if config["trained_betas"] is not None and len(config["trained_betas"]) != config["num_train_timesteps"]:
-            raise ValueError(f"scheduler config: trained_betas has {len(config['trained_betas'])} values but "
+            raise UserError(f"scheduler config: trained_betas has {len(config['trained_betas'])} values but "
                              f"num_train_timesteps = {config['num_train_timesteps']}; they must agree")
         if config["rescale_betas_zero_snr"]:
-            raise ValueError("scheduler config: rescale_betas_zero_snr = true is not supported; set it to false")
+            raise UserError("scheduler config: rescale_betas_zero_snr = true is not supported; set it to false")
         return cls(config, given)
 
     def defaults_for(self, sampler_defaults):
@@ -217,7 +219,7 @@ class DiscreteSchedule:
         path = Path(path)
         file = path / "scheduler_config.json" if path.is_dir() else path
         if not file.exists():
-            raise ValueError(f"no scheduler_config.json at '{path}'; pass a pipeline's scheduler/ directory "
+            raise UserError(f"no scheduler_config.json at '{path}'; pass a pipeline's scheduler/ directory "
                              "or the json file itself")
         with open(file) as f:
             return cls.from_config(json.load(f))
@@ -237,7 +239,7 @@ class DiscreteSchedule:
         """
         t = torch.as_tensor(t, dtype=torch.long)
         if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
-            raise ValueError(f"timesteps must lie in 0..{self.num_train_timesteps - 1}, got {t.tolist()}")
+            raise UserError(f"timesteps must lie in 0..{self.num_train_timesteps - 1}, got {t.tolist()}")
         alpha_bar = self.alphas_cumprod.to(t.device)[t]  # [B] or []
         if alpha_bar.ndim == 1:
             alpha_bar = alpha_bar.view(-1, *[1] * (ndim - 1))  # [B, 1, 1, 1]

@@ -33,6 +33,7 @@ import torch
 
 from .samplers import dynamic_threshold, linspace, progress_bar, timesteps
 from .schedule import eps_from_v, predict_x_and_eps
+from .errors import UserError
 
 # DPMSolverMultistepScheduler settings other than these are a different solver: refused, never replaced
 DPM_SOLVER_PP_2M = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", final_sigmas_type="zero",
@@ -90,14 +91,14 @@ def sample_pndm(denoise_fn, schedule, z_T, num_steps, progress=False):
     """
     cfg = schedule.defaults_for(PNDM_DEFAULTS)
     if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
-        raise ValueError(f"scheduler config: prediction_type = '{cfg['prediction_type']}' is not supported by pndm; "
+        raise UserError(f"scheduler config: prediction_type = '{cfg['prediction_type']}' is not supported by pndm; "
                          "it needs 'epsilon' or 'v_prediction' (use ddim or dpmpp-2m)")
     if isinstance(num_steps, (str, list, tuple, torch.Tensor)):
-        raise ValueError("pndm takes a step count, not a timestep list (PLMS assumes an even grid); "
+        raise UserError("pndm takes a step count, not a timestep list (PLMS assumes an even grid); "
                          "use ancestral, ddim or dpmpp-2m with a list")
     skip_prk = cfg["skip_prk_steps"]
     if not skip_prk and num_steps < 4:
-        raise ValueError(f"pndm with PRK warm-up (skip_prk_steps false) needs at least 4 steps, got {num_steps}")
+        raise UserError(f"pndm with PRK warm-up (skip_prk_steps false) needs at least 4 steps, got {num_steps}")
     ts = timesteps(schedule, num_steps).tolist() + [-1]  # -1: past the last step
     final = torch.tensor(1.0) if cfg["set_alpha_to_one"] else schedule.alphas_cumprod[0]
     alpha_bar = lambda t: schedule.alphas_cumprod[t] if t >= 0 else final  # noqa: E731
@@ -166,12 +167,12 @@ def dpm_grid(schedule, num_steps):
     karras = cfg["use_karras_sigmas"]
     if isinstance(num_steps, (str, list, tuple, torch.Tensor)):  # a timestep list or an IF grid name
         if karras:
-            raise ValueError("scheduler config: use_karras_sigmas = true lays out its own grid and cannot take a "
+            raise UserError("scheduler config: use_karras_sigmas = true lays out its own grid and cannot take a "
                              "timestep list; set it to false or pass a step count")
         ts = timesteps(schedule, num_steps)
         return ts, torch.cat([table[ts], torch.zeros(1)])
     if not 1 <= num_steps < T:
-        raise ValueError(f"num_steps = {num_steps} must lie in 1..{T - 1} for dpmpp-2m")
+        raise UserError(f"num_steps = {num_steps} must lie in 1..{T - 1} for dpmpp-2m")
     if karras:
         nsr = karras_sigmas(float(table[0]), float(table[-1]), num_steps)  # [N] float64
         t = timestep_of_sigma(nsr, torch.log(table))
@@ -214,7 +215,7 @@ def check_dpm_config(config):
     """Refuse DPMSolverMultistepScheduler settings that make another solver than DPM-Solver++ 2M (naming the key)."""
     for key, supported in DPM_SOLVER_PP_2M.items():
         if config.get(key, supported) != supported:
-            raise ValueError(f"scheduler config: {key} = {config[key]!r} is not supported; tinybooth's dpmpp-2m is "
+            raise UserError(f"scheduler config: {key} = {config[key]!r} is not supported; tinybooth's dpmpp-2m is "
                              f"DPM-Solver++ 2M ({key} = {supported!r})")
 
 

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint
+from .errors import UserError
 
 GELU_TANH = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731  transformers' "gelu_new"
 
@@ -97,7 +98,7 @@ class T5Config:
 
     def __post_init__(self):
         if self.feed_forward_proj not in T5_FFN:
-            raise ValueError(f"feed_forward_proj={self.feed_forward_proj!r} is not supported; expected one of "
+            raise UserError(f"feed_forward_proj={self.feed_forward_proj!r} is not supported; expected one of "
                              f"{list(T5_FFN)} (T5 v1.1 / DeepFloyd IF use 'gated-gelu')")
 
 
@@ -329,7 +330,7 @@ class T5Tokenizer:
         n = self.sp.get_piece_size()
         self.pad_id, self.eos_id, self.unk_id = self.sp.pad_id(), self.sp.eos_id(), self.sp.unk_id()
         if self.pad_id < 0 or self.eos_id < 0:
-            raise ValueError(f"'{spiece_file}' has no pad or eos piece (pad_id={self.pad_id}, eos_id={self.eos_id}); "
+            raise UserError(f"'{spiece_file}' has no pad or eos piece (pad_id={self.pad_id}, eos_id={self.eos_id}); "
                              f"T5 needs <pad> and </s> (train with pad_id=0, eos_id=1, unk_id=2)")
         self.extra_tokens = {n + extra_ids - 1 - i: f"<extra_id_{i}>" for i in range(extra_ids)}
 
@@ -413,9 +414,9 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         if self.hidden_act not in CLIP_ACT:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {list(CLIP_ACT)}")
+            raise UserError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {list(CLIP_ACT)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+            raise UserError(f"hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}")
 
 
@@ -491,7 +492,7 @@ class CLIPTextEmbeddings(nn.Module):
     def forward(self, input_ids):
         L = input_ids.shape[1]
         if L > self.position_embedding.num_embeddings:
-            raise ValueError(f"{L} tokens but CLIP has {self.position_embedding.num_embeddings} positions; "
+            raise UserError(f"{L} tokens but CLIP has {self.position_embedding.num_embeddings} positions; "
                              f"tokenize with max_length <= {self.position_embedding.num_embeddings}")
         positions = torch.arange(L, device=input_ids.device)  # computed here, never a buffer (see ALIASES)
         return self.token_embedding(input_ids) + self.position_embedding(positions)  # E[ids] + P[0..L-1]
@@ -521,7 +522,7 @@ class CLIPTextEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         if config.get("model_type", "clip_text_model") != "clip_text_model":
-            raise ValueError(f"model_type={config.get('model_type')!r}: expected a CLIPTextModel config.json "
+            raise UserError(f"model_type={config.get('model_type')!r}: expected a CLIPTextModel config.json "
                              f"(model_type 'clip_text_model', e.g. Stable Diffusion's text_encoder/)")
         self.config = dict(config)
         self.c = config_fields(CLIPTextConfig, config, CLIP_DEFAULTS)
@@ -636,7 +637,7 @@ class CLIPTokenizer:
         self.id_to_token = {i: t for t, i in vocab.items()}
         self.bos_id, self.eos_id = vocab[CLIP_BOS], vocab[CLIP_EOS]
         if pad_token not in vocab:
-            raise ValueError(f"pad_token {pad_token!r} is not in the CLIP vocabulary; check tokenizer_config.json")
+            raise UserError(f"pad_token {pad_token!r} is not in the CLIP vocabulary; check tokenizer_config.json")
         self.pad_id = vocab[pad_token]
 
     @classmethod

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from tinybooth import experiment, models
-from tinybooth.errors import UserError, main_guard
+from tinybooth.errors import ArgumentParser, UserError, main_guard
 from tinybooth.samplers import IF_TIMESTEPS, SAMPLERS
 
 FAMILY = "family"  # a default taken from models.FAMILY_DEFAULTS for the --model's family
@@ -142,19 +142,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """A bad flag is a user's mistake like any other: one line (argparse would print the whole usage)."""
-        raise UserError(f"{message} (python -m tinybooth.train --help lists every flag)")
-
-
 def family_help(dest):
     key = TABLE_KEY.get(dest, dest)
     return "per model: " + ", ".join(f"{name} {row[key]}" for name, row in models.FAMILY_DEFAULTS.items())
 
 
 def build_parser():
-    p = Parser(prog="python -m tinybooth.train", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m tinybooth.train", description=__doc__.split("\n\n")[0],
                formatter_class=HelpFormatter)
     for flag, kw in SETTINGS:
         kw = dict(kw)

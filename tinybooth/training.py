@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import files
 from .checkpoint import CheckpointError
 
 EXPLODING = 1e4  # a loss this many times the median of the recent ones is a blow-up, not noise
@@ -95,30 +96,15 @@ def set_rng_state(state, generator):
 # the checkpoint file
 
 def save_checkpoint(path, payload):
-    """torch.save to a temporary sibling, then rename: a crash or a full disk never leaves a broken checkpoint (the
-    temporary file is removed, the previous checkpoint stays)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) or "unexpected pos" in str(e):  # torch reports a full disk as "unexpected pos"
-            raise CheckpointError(f"no space left on device while writing '{path}' (or it cannot be written: "
-                                  f"{str(e).strip()[:60]}); free space and rerun with --resume: the previous "
-                                  f"checkpoint is intact") from None
-        raise
+    """torch.save to a temporary sibling, then rename (tinybooth.files): a crash or a full disk never leaves a broken
+    checkpoint, and the previous one stays."""
+    files.atomic_torch_save(payload, path)
 
 
 def load_checkpoint(path):
     """A checkpoint written by save_checkpoint: plain tensors, numbers and strings only (weights_only: never
     unpickles code)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated, foreign or corrupted file: torch raises many kinds
-        raise CheckpointError(f"'{path}' is not a tinybooth checkpoint or is damaged ({e.__class__.__name__}); "
-                              f"delete it and start afresh, or restore it") from None
+    ckpt = files.load_checkpoint(path)
     if not isinstance(ckpt, dict) or not {"stage", "step", "trainable", "optimizer", "rng"} <= set(ckpt):
         raise CheckpointError(f"'{path}' is not a tinybooth checkpoint (missing entries); delete it and start "
                               f"afresh")

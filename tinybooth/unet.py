@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from tinybooth import checkpoint as ckpt
+from tinybooth.errors import UserError
 from tinybooth.unet_blocks import (ACTIVATIONS, AddedKVAttention, Downsample2D, ResnetBlock2D, TextTimeEmbedding,
                                    TimestepEmbedding, Transformer2DModel, Upsample2D, activation, timestep_embedding)
 
@@ -126,7 +127,7 @@ class UNetConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
         if unknown:
-            raise ValueError(f"unsupported U-Net config field(s) {unknown}: tinybooth builds UNet2DConditionModel "
+            raise UserError(f"unsupported U-Net config field(s) {unknown}: tinybooth builds UNet2DConditionModel "
                              f"configs of the IF and SD 1.x families only")
         cfg = cls(**{k: v for k, v in config.items() if k in known})
         cfg.check()
@@ -136,7 +137,7 @@ class UNetConfig:
         def refuse(field, allowed):
             value = getattr(self, field)
             if value not in allowed:
-                raise ValueError(f"unsupported U-Net config value {field}={value!r}; tinybooth supports {allowed}")
+                raise UserError(f"unsupported U-Net config value {field}={value!r}; tinybooth supports {allowed}")
         for field in ("num_attention_heads", "reverse_transformer_layers_per_block", "addition_time_embed_dim",
                       "num_class_embeds", "time_cond_proj_dim", "projection_class_embeddings_input_dim"):
             refuse(field, [None])
@@ -153,26 +154,26 @@ class UNetConfig:
             refuse(field, ([] if field == "act_fn" else [None]) + list(ACTIVATIONS))
         for t in self.down_block_types:
             if t not in DOWN_BLOCKS:
-                raise ValueError(f"unsupported down_block_types entry {t!r}; tinybooth supports {list(DOWN_BLOCKS)}")
+                raise UserError(f"unsupported down_block_types entry {t!r}; tinybooth supports {list(DOWN_BLOCKS)}")
         for t in self.up_block_types:
             if t not in UP_BLOCKS:
-                raise ValueError(f"unsupported up_block_types entry {t!r}; tinybooth supports {list(UP_BLOCKS)}")
+                raise UserError(f"unsupported up_block_types entry {t!r}; tinybooth supports {list(UP_BLOCKS)}")
         if not isinstance(self.norm_num_groups, int):
-            raise ValueError(f"unsupported U-Net config value norm_num_groups={self.norm_num_groups!r}; need an int")
+            raise UserError(f"unsupported U-Net config value norm_num_groups={self.norm_num_groups!r}; need an int")
         if self.encoder_hid_dim_type and self.encoder_hid_dim is None:
-            raise ValueError("encoder_hid_dim_type is set but encoder_hid_dim is not; give the text encoder's width")
+            raise UserError("encoder_hid_dim_type is set but encoder_hid_dim is not; give the text encoder's width")
         n = len(self.down_block_types)
         if len(self.up_block_types) != n or len(self.block_out_channels) != n:
-            raise ValueError(f"down_block_types ({n}), up_block_types ({len(self.up_block_types)}) and "
+            raise UserError(f"down_block_types ({n}), up_block_types ({len(self.up_block_types)}) and "
                              f"block_out_channels ({len(self.block_out_channels)}) must have the same length")
         for field in ("only_cross_attention", "layers_per_block", "cross_attention_dim", "attention_head_dim",
                       "transformer_layers_per_block"):
             value = getattr(self, field)
             if isinstance(value, (list, tuple)):
                 if len(value) != n:
-                    raise ValueError(f"{field} has {len(value)} entries; it needs one per block ({n})")
+                    raise UserError(f"{field} has {len(value)} entries; it needs one per block ({n})")
                 if any(isinstance(v, (list, tuple)) for v in value):
-                    raise ValueError(f"unsupported U-Net config value {field}={value!r}: nested lists")
+                    raise UserError(f"unsupported U-Net config value {field}={value!r}: nested lists")
 
     def per_block(self, field):
         """A config value as one entry per down block (ints and bools are repeated)."""

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .unet_blocks import Downsample2D, Upsample2D, activation
+from .errors import UserError
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 EPS = 1e-6  # GroupNorm epsilon everywhere in the autoencoder
@@ -70,17 +71,17 @@ class VAEConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
         if unknown:
-            raise ValueError(f"unsupported AutoencoderKL config field(s) {unknown}")
+            raise UserError(f"unsupported AutoencoderKL config field(s) {unknown}")
         cfg = cls(**{k: v for k, v in config.items() if k in known})
         n = len(cfg.block_out_channels)
         for field, kinds, allowed in (("down_block_types", cfg.down_block_types, "DownEncoderBlock2D"),
                                       ("up_block_types", cfg.up_block_types, "UpDecoderBlock2D")):
             if list(kinds) != [allowed] * n:
-                raise ValueError(f"AutoencoderKL config: {field} = {list(kinds)} is not supported; tinybooth builds "
+                raise UserError(f"AutoencoderKL config: {field} = {list(kinds)} is not supported; tinybooth builds "
                                  f"{n} x '{allowed}' (one per entry of block_out_channels)")
         for field in ("shift_factor", "latents_mean", "latents_std"):  # SD 3 / SDXL-era latent normalisations
             if getattr(cfg, field) is not None:
-                raise ValueError(f"AutoencoderKL config: {field} = {getattr(cfg, field)} is not supported; "
+                raise UserError(f"AutoencoderKL config: {field} = {getattr(cfg, field)} is not supported; "
                                  "tinybooth handles the SD 1.x latent scaling (scaling_factor only)")
         activation(cfg.act_fn)  # KeyError -> unknown activation
         return cfg

@@ -49,6 +49,7 @@ from . import checkpoint
 from .image_preprocessing import (IMAGENET_STANDARD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessing,
                                   read_preprocessing, write_preprocessing)
 from .text import CLIP_ACT, CLIPEncoder, CLIPTextEncoder
+from .errors import UserError
 
 ACTIVATIONS = CLIP_ACT  # quick_gelu (CLIP: x * sigmoid(1.702 x)) and gelu (DINO: exact x * Phi(x))
 
@@ -80,14 +81,14 @@ class ViTConfig:
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {list(ACTIVATIONS)}")
+            raise UserError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {list(ACTIVATIONS)}")
         if not isinstance(self.image_size, int) or not isinstance(self.patch_size, int):
-            raise ValueError(f"image_size={self.image_size!r} and patch_size={self.patch_size!r} must be single "
+            raise UserError(f"image_size={self.image_size!r} and patch_size={self.patch_size!r} must be single "
                              f"integers (square images and patches)")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            raise UserError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+            raise UserError(f"hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}")
 
     @property
@@ -98,7 +99,7 @@ class ViTConfig:
     def from_clip_config(cls, config):
         """The vision tower of a transformers CLIPModel config.json (vision_config inside, projection_dim on top)."""
         if config.get("model_type") != "clip":
-            raise ValueError(f"model_type={config.get('model_type')!r}: expected a CLIPModel config.json "
+            raise UserError(f"model_type={config.get('model_type')!r}: expected a CLIPModel config.json "
                              f"(model_type 'clip', e.g. openai/clip-vit-base-patch32)")
         vision = {**CLIP_VISION_DEFAULTS, **(config.get("vision_config") or {}),
                   **(config.get("vision_config_dict") or {})}  # old exports repeat the settings in *_dict (wins)
@@ -109,11 +110,11 @@ class ViTConfig:
     def from_vit_config(cls, config):
         """A transformers ViTModel config.json (model_type 'vit', e.g. facebook/dino-vits16)."""
         if config.get("model_type") != "vit":
-            raise ValueError(f"model_type={config.get('model_type')!r}: expected a ViTModel config.json "
+            raise UserError(f"model_type={config.get('model_type')!r}: expected a ViTModel config.json "
                              f"(model_type 'vit', e.g. facebook/dino-vits16)")
         vit = {**VIT_DEFAULTS, **config}
         if vit["qkv_bias"] is not True:
-            raise ValueError(f"qkv_bias={vit['qkv_bias']!r} is not supported (the DINO checkpoints have q/k/v biases)")
+            raise UserError(f"qkv_bias={vit['qkv_bias']!r} is not supported (the DINO checkpoints have q/k/v biases)")
         return cls(**{k: vit[k] for k in VIT_DEFAULTS if k != "qkv_bias"})
 
 
@@ -146,7 +147,7 @@ def embed_patches(pixel_values, patch_conv, cls_token, position_embeddings):
 
 def check_image_size(pixel_values, config):
     if tuple(pixel_values.shape[-2:]) != (config.image_size, config.image_size):
-        raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but this encoder takes "
+        raise UserError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but this encoder takes "
                          f"{config.image_size}x{config.image_size} images; run encoder.preprocess(images) first")
 
 
@@ -258,7 +259,7 @@ class CLIPTextEmbedder(CLIPTextEncoder):
 
     def __init__(self, config):
         if config.get("model_type") != "clip":
-            raise ValueError(f"model_type={config.get('model_type')!r}: expected a CLIPModel config.json "
+            raise UserError(f"model_type={config.get('model_type')!r}: expected a CLIPModel config.json "
                              f"(model_type 'clip', e.g. openai/clip-vit-base-patch32)")
         text_config = {**(config.get("text_config") or {}), **(config.get("text_config_dict") or {})}
         super().__init__({**text_config, "model_type": "clip_text_model"})

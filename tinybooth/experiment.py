@@ -24,7 +24,7 @@ from .unet import UNet
 
 FROZEN_DTYPE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # settings a resume may change: how long to train, how often to save, what to draw afterwards, where
-FREE_ON_RESUME = {"resume", "overwrite", "max_steps", "sr_steps", "checkpoint_every", "num_samples", "sample_steps",
+FREE_ON_RESUME = {"resume", "overwrite", "output_dir", "max_steps", "sr_steps", "checkpoint_every", "num_samples", "sample_steps",
                   "device"}
 OUTPUTS = ("model", "sr_model", "lora", "sr_lora", "checkpoint.pt", "metrics.json", "samples.png", "loss.png")
 

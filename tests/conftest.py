@@ -81,5 +81,5 @@ def t5():
 @pytest.fixture(scope="session")
 def clip():
     """CLIP's BPE tokenizer with the real vocabulary the package ships (tinybooth/assets/clip)."""
-    from tinybooth.text import CLIPTokenizer
+    from tinybooth.clip import CLIPTokenizer
     return CLIPTokenizer.from_pretrained(ROOT / "tinybooth" / "assets" / "clip")

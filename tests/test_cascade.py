@@ -256,7 +256,7 @@ def tiny_sd_dir(tmp_path_factory):
     """SD 1.x in the public layout: the fixture U-Net and VAE + a random CLIP text model + CLIP's real BPE."""
     import shutil
     from conftest import ROOT
-    from tinybooth.text import CLIPTextEncoder
+    from tinybooth.clip import CLIPTextEncoder
     root = tmp_path_factory.mktemp("tiny_sd")
     shutil.copytree(NOISING / "sd", root, dirs_exist_ok=True)
     shutil.copytree(ROOT / "tinybooth" / "assets" / "clip", root / "tokenizer")
@@ -266,7 +266,7 @@ def tiny_sd_dir(tmp_path_factory):
 
 
 def test_sd_prompts_are_encoded_without_the_padding_mask(tiny_sd_dir, tmp_path):
-    from tinybooth.text import CLIPTextEncoder, CLIPTokenizer
+    from tinybooth.clip import CLIPTextEncoder, CLIPTokenizer
     c, mask = cascade.encode_prompts(["a photo of a dog"], tiny_sd_dir, "sd", cache_dir=tmp_path)
     ids, _ = CLIPTokenizer.from_pretrained(tiny_sd_dir / "tokenizer")(["a photo of a dog"], max_length=77)
     with torch.no_grad():

@@ -187,7 +187,8 @@ def lora_fx(request):
 
 
 def _base_models(root, case):
-    from tinybooth.text import CLIPTextEncoder, T5Encoder
+    from tinybooth.text import T5Encoder
+    from tinybooth.clip import CLIPTextEncoder
     from tinybooth.unet import UNet
     models = {"unet": UNet.from_pretrained(root / "cascade" / case / "unet").eval()}
     if CASES[case]:

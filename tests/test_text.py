@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tinybooth import checkpoint
-from tinybooth.text import (CLIP_PRESETS, T5_PRESETS, CLIPTextEncoder, T5Encoder, causal_attention_mask,
-                            relative_position_bucket, rms_norm)
+from tinybooth.text import T5_PRESETS, T5Encoder, relative_position_bucket, rms_norm
+from tinybooth.clip import CLIP_PRESETS, CLIPTextEncoder, causal_attention_mask
 
 TEXT = Path(__file__).parent / "fixtures" / "text"
 TOL = 1e-4  # the tolerance; the outputs agree to ~1e-6

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinybooth.text import CLIPTokenizer, T5Tokenizer, clip_vocab_from_gz, pad_and_truncate
+from tinybooth.text import T5Tokenizer, pad_and_truncate
+from tinybooth.clip import CLIPTokenizer, clip_vocab_from_gz
 
 TEXT = Path(__file__).parent / "fixtures" / "text"
 CLIP_ASSETS = Path(__file__).parent.parent / "tinybooth" / "assets" / "clip"

@@ -81,7 +81,7 @@ def tiny_if(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A random SD 1.x pipeline (CLIP text, 4x4x4 latents, VAE x2) in the public layout."""
-    from tinybooth.text import CLIPTextEncoder
+    from tinybooth.clip import CLIPTextEncoder
     from tinybooth.vae import AutoencoderKL
     root = tmp_path_factory.mktemp("tiny_sd") / "SD"
     shutil.copytree(TOY / "clip", root / "tokenizer")

@@ -45,10 +45,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from . import text
+from .clip import CLIPTextEncoder, CLIPTokenizer
+from .text import T5Encoder, T5Tokenizer
 from .samplers import classifier_free_guidance, custom_timesteps, sample
 from .errors import UserError
 
+TEXT_CLASSES = {"if": (T5Tokenizer, T5Encoder), "sd": (CLIPTokenizer, CLIPTextEncoder)}  # (tokenizer, encoder)
 IF_NOISE_LEVEL = 250  # IF stage II's default augmentation step (of 1000), diffusers' IFSuperResolutionPipeline
 
 
@@ -184,8 +186,7 @@ def encode_prompts(texts, model_dir, family, cache_dir=None, max_length=77, devi
     files = {t: _cache_file(cache_dir, t, key, max_length) for t in texts}
     missing = sorted(t for t, f in files.items() if not f.exists())
     if missing:
-        Encoder, Tokenizer = ((text.T5Encoder, text.T5Tokenizer) if family == "if"
-                              else (text.CLIPTextEncoder, text.CLIPTokenizer))
+        Tokenizer, Encoder = TEXT_CLASSES[family]
         tokenizer = Tokenizer.from_pretrained(model_dir / "tokenizer")
         encoder = Encoder.from_pretrained(model_dir / "text_encoder", dtype=dtype, device=device,
                                           variant=stored_variant(model_dir / "text_encoder", "model"))

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .cascade import stored_variant
+from .cascade import TEXT_CLASSES, stored_variant
 from . import checkpoint
 from .checkpoint import CheckpointError
 from .files import atomic_directory, copy_tree, is_inside
 from .schedule import DiscreteSchedule
-from .text import CLIPTextEncoder, CLIPTokenizer, T5Encoder, T5Tokenizer
 from .unet import UNet
 from .vae import WEIGHTS_STEM, AutoencoderKL
 
@@ -49,7 +48,6 @@ FAMILY_DEFAULTS = {
                checkpoint_every=250, num_samples=4, train_text_encoder=False),
 }
 PIPELINE_CLASSES = {"IFPipeline": "if", "StableDiffusionPipeline": "sd", "IFSuperResolutionPipeline": "sr"}
-TEXT_CLASSES = {"if": (T5Tokenizer, T5Encoder), "sd": (CLIPTokenizer, CLIPTextEncoder)}  # (tokenizer, encoder)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -138,7 +138,8 @@ def count_tokens(tokenizer, text):
 
 def load_tokenizer(path):
     """T5Tokenizer for a directory with spiece.model, CLIPTokenizer for vocab.json + merges.txt or CLIP's .txt.gz."""
-    from .text import CLIP_VOCAB_GZ, CLIPTokenizer, T5Tokenizer
+    from .text import T5Tokenizer
+    from .clip import CLIP_VOCAB_GZ, CLIPTokenizer
     path = Path(path)
     if (path / "spiece.model").exists():
         return T5Tokenizer.from_pretrained(path)

@@ -48,7 +48,8 @@ from PIL import Image
 from . import checkpoint
 from .image_preprocessing import (IMAGENET_STANDARD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessing,
                                   read_preprocessing, write_preprocessing)
-from .text import CLIP_ACT, CLIPEncoder, CLIPTextEncoder
+from .text import CLIPEncoder
+from .clip import CLIP_ACT, CLIPTextEncoder
 from .errors import UserError
 
 ACTIVATIONS = CLIP_ACT  # quick_gelu (CLIP: x * sigmoid(1.702 x)) and gelu (DINO: exact x * Phi(x))
@@ -153,7 +154,7 @@ def check_image_size(pixel_values, config):
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLIP ViT-B/32: vision tower + visual projection of a CLIPModel checkpoint. Its transformer blocks are the CLIP
-# text encoder's (tinybooth.text.CLIPEncoder: same tensor names, same pre-norm math), run without the causal mask.
+# text encoder's (tinybooth.clip.CLIPEncoder: same tensor names, same pre-norm math), run without the causal mask.
 
 class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, c):
@@ -251,10 +252,10 @@ class CLIPVisionEncoder(nn.Module):
 class CLIPTextEmbedder(CLIPTextEncoder):
     """CLIP text embedding t(p) = text_projection(c[eos]) of a CLIPModel directory: CLIP-T's text side.
 
-    c = tinybooth.text.CLIPTextEncoder(ids) [B, L, D] (the `text_model.*` tensors). CLIP pools a prompt at its
+    c = tinybooth.clip.CLIPTextEncoder(ids) [B, L, D] (the `text_model.*` tensors). CLIP pools a prompt at its
     end-of-text token and maps it into the joint image-text space with `text_projection.weight` [P, D] (no bias),
     which only the CLIPModel file has. State dict = the text half of that file, public names unchanged. The
-    tokenizer is tinybooth.text.CLIPTokenizer on the same directory (vocab.json + merges.txt).
+    tokenizer is tinybooth.clip.CLIPTokenizer on the same directory (vocab.json + merges.txt).
     """
 
     def __init__(self, config):
@@ -273,7 +274,7 @@ class CLIPTextEmbedder(CLIPTextEncoder):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        from .text import CLIPTokenizer
+        from .clip import CLIPTokenizer
         config, state = read_clip_half(path, ("text_model.", "text_projection."), dtype, device)
         with torch.device("meta"):
             model = cls.from_config(config)

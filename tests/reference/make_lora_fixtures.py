@@ -46,7 +46,8 @@ from transformers import CLIPTextModel, T5EncoderModel
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from tinybooth import lora  # noqa: E402  (the writer under test)
-from tinybooth.text import CLIPTextEncoder, T5Encoder  # noqa: E402
+from tinybooth.text import T5Encoder  # noqa: E402
+from tinybooth.clip import CLIPTextEncoder
 from tinybooth.unet import UNet  # noqa: E402
 
 CASCADE, TEXT = ROOT / "tests" / "fixtures" / "cascade", ROOT / "tests" / "fixtures" / "text"

@@ -48,7 +48,7 @@ from PIL import Image
 from . import checkpoint
 from .image_preprocessing import (IMAGENET_STANDARD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessing,
                                   read_preprocessing, write_preprocessing)
-from .text import CLIPEncoder
+from .clip import CLIPEncoder
 from .clip import CLIP_ACT, CLIPTextEncoder
 from .errors import UserError
 

@@ -152,3 +152,30 @@ def test_the_command_itself_prints_one_line(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     assert "--max-steps" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_weights(tiny_if, photos, tmp_path, monkeypatch):  # noqa: F811
+    """A real `kill -9` of a training process as soon as its first checkpoint is on disk, then --resume: the final
+    weights equal an uninterrupted run's bit for bit (--deterministic, CPU)."""
+    import os
+    import signal
+    import time
+    from safetensors.torch import load_file
+    monkeypatch.setenv("TINYBOOTH_CACHE", str(tmp_path / "cache"))
+    args = ["--sr-steps", "0", "--num-samples", "0", "--max-steps", "40", "--checkpoint-every", "1", "--deterministic"]
+    train.run(_if_args(tiny_if, photos, tmp_path / "full", *args))
+    cut = tmp_path / "cut"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "tinybooth.train", *_if_args(tiny_if, photos, cut, *args)],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (cut / "checkpoint.pt").exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed: make it longer"
+    assert not (cut / "model").exists(), "killed mid-run: no finished model yet"
+    train.run(_if_args(tiny_if, photos, cut, *args, "--resume"))
+    a = load_file(str(tmp_path / "full" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(cut / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "kill -9 + --resume must give the uninterrupted weights"

@@ -19,19 +19,12 @@ For one personalised model and its subject, the protocol
 Generated images are kept under OUT/images/NN/k.png with OUT/images/prompts.json naming each folder's prompt, so a
 folder of images generated elsewhere can be scored the same way: `--images DIR` (a folder with that layout).
 
-    python -m tinybooth.evaluate --model runs/dreambooth-IF-I-M-v1.0        # a tinybooth.train run: the subject,
-                                                                           # class noun and [V] come from its
-                                                                           # settings.json
-    python -m tinybooth.evaluate --model weights/IF-I-M-v1.0 --sr-model weights/IF-II-M-v1.0 \\
-        --subject-dir data/dog --class-noun dog --identifier sks
-    python -m tinybooth.evaluate --images runs/dog/eval/images --subject-dir data/dog --class-noun dog
-    python -m tinybooth.evaluate --model runs/dreambooth-toy                 # the toy-scale protocol
-    python -m tinybooth.evaluate                                             # the embedded (unpersonalised) default
+`python -m tinybooth.evaluate --help` shows the command's forms.
 
 The paper's encoders load public weights from --weights-dir (default weights/): clip-vit-base-patch32 (openai),
 dino-vits16 (facebook) and lpips-alex (tinybooth.lpips), fetched by `python weights_download.py NAME`.
 
-Toy-scale protocol. On the embedded toy cascade and the runs trained from it (settings.json backbone "toy"), or on
+Toy-scale protocol. On the embedded toy cascade and the runs trained from it (settings.json family "toy"), or on
 pictures of at most 64 px, the public encoders mean nothing (they never saw a teal-and-pink star), so the same
 command scores with the toy evaluator's analogs (ToyScorer): subject fidelity (cosine of the evaluator's features,
 plus P(subject)), prompt fidelity (attributes read correctly), PRES (both, on "a star"), DIV (feature distance),

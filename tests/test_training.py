@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tinybooth import training
-from tinybooth.checkpoint import CheckpointError
+from tinybooth.errors import UserError
 from tinybooth.training import LoopSettings, Trainer, TrainingError
 
 
@@ -106,7 +106,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match="no space left on device while writing"):
+    with pytest.raises(UserError, match="no space left on device while writing"):
         training.save_checkpoint(path, {"step": 2})
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"], \
         "the previous checkpoint is intact and no temporary file is left"
@@ -115,5 +115,5 @@ def test_a_full_disk_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_a_foreign_checkpoint_is_refused_by_name(tmp_path):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(bytes(range(256)) * 10)
-    with pytest.raises(CheckpointError, match="not a tinybooth checkpoint"):
+    with pytest.raises(UserError, match="not a tinybooth checkpoint"):
         training.load_checkpoint(bad)

@@ -294,7 +294,7 @@ class CLIPTokenizer:
         elif (path / CLIP_VOCAB_GZ).exists():
             vocab, merges = clip_vocab_from_gz(path / CLIP_VOCAB_GZ)
         else:
-            raise FileNotFoundError(f"'{path}' has no vocab.json + merges.txt, tokenizer.json or {CLIP_VOCAB_GZ}; "
+            raise checkpoint.CheckpointError(f"'{path}' has no vocab.json + merges.txt, tokenizer.json or {CLIP_VOCAB_GZ}; "
                                     f"a CLIP tokenizer directory is <pipeline>/tokenizer/. "
                                     f"Download: {checkpoint.DOWNLOAD_HINT}")
         pad = CLIP_EOS

@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import checkpoint, data, metrics, models
 from .errors import UserError
+from .files import read_json
 from .generate import text_to_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -108,7 +109,7 @@ def read_layout(images_dir):
                          f'prompts.json like {{"prompts": {{"00": {{"prompt": "a sks dog in the snow", "text": '
                          f'"a dog in the snow"}}}}, "prior": {{"prompt": "a dog"}}}} (the prior folder is '
                          f"prior/)")
-    layout = json.loads(f.read_text())
+    layout = read_json(f)
 
     def images(sub):
         d = images_dir / sub
@@ -306,7 +307,7 @@ def run_settings(model):
     run = Path(model)
     if not (run / "settings.json").exists():
         return dict(model=run, toy=run.is_dir() and models.is_toy(run))
-    settings = json.loads((run / "settings.json").read_text())
+    settings = read_json(run / "settings.json")
     sr_model = run / "sr_model" if (run / "sr_model").is_dir() else None
     out = dict(model=run / "model", sr_model=sr_model, subject_dir=settings["instance_dir"],
                class_noun=settings["class_noun"], identifier=settings["identifier"], out=run / "eval",

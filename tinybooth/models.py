@@ -95,7 +95,7 @@ def defaults_for(model_dir):
     """The FAMILY_DEFAULTS row of a stage-I pipeline directory ('toy', 'if' or 'sd') and its key."""
     family = detect_family(model_dir)
     if family == "sr":
-        raise CheckpointError(f"'{model_dir}' is a super-resolution model (IF stage II): pass it as --sr-model and "
+        raise CheckpointError(f"'{model_dir}' is an IF stage-II (super-resolution) model; pass it as --sr-model and "
                               f"the stage-I pipeline as --model")
     key = "toy" if family == "if" and is_toy(model_dir) else family
     return key, FAMILY_DEFAULTS[key]

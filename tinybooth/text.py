@@ -337,7 +337,7 @@ class T5Tokenizer:
         if not spiece.exists():
             saved_by_transformers = " (tokenizer.json alone is what transformers >= 5 saves: copy spiece.model " \
                                     "from the original tokenizer)" if (path / "tokenizer.json").exists() else ""
-            raise FileNotFoundError(f"no spiece.model in '{path}'{saved_by_transformers}; a T5 tokenizer directory "
+            raise checkpoint.CheckpointError(f"no spiece.model in '{path}'{saved_by_transformers}; a T5 tokenizer directory "
                                     f"holds spiece.model (DeepFloyd IF: <pipeline>/tokenizer/). "
                                     f"Download: {checkpoint.DOWNLOAD_HINT}")
         cfg_file = path / "tokenizer_config.json"

@@ -198,8 +198,8 @@ def optimizer_bytes(params, s):
     states: m and v per weight, 8 bytes in fp32, 4 in bf16, 1 + 1 in 8 bits plus an fp32 absmax per block of 2048
     (each tensor padded to whole blocks). temporaries: torch's AdamW on CUDA defaults to its foreach
     implementation, whose sqrt(v) / bias-correction list is a full fp32 copy of the weights; one tensor at a time
-    (torch on a CPU, tinybooth.optim, --optimizer-in-backward) needs ~5 fp32 copies of the largest tensor (g, the
-    fp32 weight, decoded m and v, the denominator). tests/test_memory.py checks both against a real step."""
+    (torch on a CPU, --optimizer-in-backward) needs ~5 fp32 copies of the largest tensor, tinybooth.optim ~10 (it
+    decodes m and v to fp32 and rounds on the way back). tests/test_memory.py measures all three."""
     sizes = [p.numel() for p in params]
     if s["optimizer_states"] == "fp32":
         states = 8 * sum(sizes)
@@ -207,9 +207,13 @@ def optimizer_bytes(params, s):
         states = 4 * sum(sizes)
     else:
         states = sum(2 * (-(-n // optim.BLOCK) * optim.BLOCK) + 8 * -(-n // optim.BLOCK) for n in sizes)
-    foreach = s["device"] == "cuda" and s["optimizer_states"] == "fp32" and not s["optimizer_in_backward"]
-    temporaries = 4 * sum(sizes) if foreach else 5 * 4 * max(sizes, default=0)
-    return states, temporaries
+    if s["optimizer_states"] != "fp32":   # tinybooth.optim: fp32 g, theta, m, v, denominator + rounding buffers
+        copies = 10 * max(sizes, default=0)
+    elif s["device"] == "cuda" and not s["optimizer_in_backward"]:  # torch's foreach AdamW: one list of sqrt(v)
+        copies = sum(sizes)
+    else:                                   # torch's per-tensor AdamW: ~5 fp32 copies of the largest tensor
+        copies = 5.25 * max(sizes, default=0)
+    return states, int(4 * copies)
 
 
 def free_gradients_in_backward(params):

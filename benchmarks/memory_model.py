@@ -130,6 +130,20 @@ def predicted(name, setting, device):
     return r["weights"] + r["optimizer states"] + r["step peak"]
 
 
+def row(name, setting, pred, meas, note=""):
+    print(f"{name:8s} {setting:15s} {pred / GiB:10.3f} {meas / GiB:10.3f} {(pred - meas) / meas:+7.1%}   {note}",
+          flush=True)
+
+
+def repredict(triples):
+    """Rows whose measurement was taken by an earlier `validate` run ("config:setting:measured GiB"), predicted
+    again (after a fix to the predictor)."""
+    for triple in triples:
+        name, setting, meas = triple.split(":")
+        pred = predicted(name, setting, "cpu") - predicted("micro", setting, "cpu")
+        row(name, setting, pred, float(meas) * GiB, "(measured by an earlier validate run)")
+
+
 def validate(names, settings):
     """Each row: measured = peak - the same setting's peak on the "micro" U-Net (so the interpreter, torch and the
     kernels' own code and scratch, ~0.35 GiB here, cancel); predicted = the same difference of predictions."""
@@ -144,35 +158,36 @@ def validate(names, settings):
                 print(f"{name:8s} {setting:15s} failed: {e}")
                 continue
             pred = predicted(name, setting, "cpu") - predicted("micro", setting, "cpu")
-            print(f"{name:8s} {setting:15s} {pred / GiB:10.3f} {meas / GiB:10.3f} {(pred - meas) / meas:+7.1%}"
-                  f"   ({time.time() - t0:.0f} s)", flush=True)
+            row(name, setting, pred, meas, f"({time.time() - t0:.0f} s)")
 
 
 GiB = memory.GiB
 TABLE_MODELS = ("IF-I-M", "IF-I-L", "IF-I-XL", "IF-II-M", "IF-II-L", "SD-1.5")
 
 
-def table():
+def table_row(name, tune, states, ckpt, in_backward=False):
+    c = memory.model_configs(name)
+    s = dict(BASE, mixed_precision="bf16", frozen_weights="bf16", device="cuda", gradient_checkpointing=ckpt,
+             optimizer_states=states, lora_rank=4 if tune == "LoRA" else 0, optimizer_in_backward=in_backward)
+    n = 1 if c["family"] == "if-sr" else 2  # stage II fine-tunes on subject images only
+    r = memory.cached(memory.simulate_training, c["unet"], s, c["unet"]["sample_size"], n, c.get("vae"))
+    total = r["weights"] + r["optimizer states"] + r["step peak"]
+    cards = [g for g in memory.CARDS_GB if total + memory.CUDA_CONTEXT <= g * memory.GB]
+    label = (states + (" + in backward" if in_backward else "")) if tune == "full" else "fp32 (adapters)"
+    print(f"| {name} | {tune} | {label} | {'on' if ckpt else 'off'} | {total / memory.GB:.1f} | "
+          f"{', '.join(map(str, cards)) or 'none'} |", flush=True)
+
+
+def table(floor=False):
     print("| model | fine-tune | optimizer states | checkpointing | predicted peak (GB) | fits (8/12/16/24 GB) |")
     print("|---|---|---|---|---|---|")
     for name in TABLE_MODELS:
-        c = memory.model_configs(name)
-        vae = c.get("vae")
-        size = c["unet"]["sample_size"]
-        for tune in ("full", "LoRA"):
-            for states in ("fp32", "8bit"):
-                if tune == "LoRA" and states == "8bit":
-                    continue  # the adapters' states are a few MB: low precision changes nothing
-                for ckpt in (False, True):
-                    s = dict(BASE, mixed_precision="bf16", frozen_weights="bf16", device="cuda",
-                             gradient_checkpointing=ckpt, optimizer_states=states, lora_rank=4 if tune == "LoRA" else 0)
-                    n = 1 if c["family"] == "if-sr" else 2
-                    r = memory.cached(memory.simulate_training, c["unet"], s, size, n, vae)
-                    total = r["weights"] + r["optimizer states"] + r["step peak"]
-                    cards = [g for g in memory.CARDS_GB if total + memory.CUDA_CONTEXT <= g * memory.GB]
-                    print(f"| {name} | {tune} | {states if tune == 'full' else 'fp32 (adapters)'} | "
-                          f"{'on' if ckpt else 'off'} | {total / memory.GB:.1f} | "
-                          f"{', '.join(map(str, cards)) or 'none'} |", flush=True)
+        if floor:  # the lowest full fine-tune: 8-bit states, bf16 weights, optimizer in backward, checkpointing
+            table_row(name, "full", "8bit", True, in_backward=True)
+            continue
+        for tune, states in (("full", "fp32"), ("full", "8bit"), ("LoRA", "fp32")):
+            for ckpt in (False, True):
+                table_row(name, tune, states, ckpt)
 
 
 # GPU peaks (torch.cuda.max_memory_allocated, GiB) recorded earlier in benchmarks/README.md, as (model, setting,
@@ -206,7 +221,7 @@ def recorded():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["validate", "table", "recorded", "child"])
+    p.add_argument("mode", choices=["validate", "repredict", "table", "floor", "recorded", "child"])
     p.add_argument("args", nargs="*")
     p.add_argument("--config", nargs="+", default=["toy", "if-mid", "sd-mid"])
     p.add_argument("--setting", nargs="+", default=list(SETTINGS))
@@ -215,10 +230,12 @@ def main():
         print(child(*a.args))
     elif a.mode == "validate":
         validate(a.config, a.setting)
+    elif a.mode == "repredict":
+        repredict(a.args)
     elif a.mode == "recorded":
         recorded()
     else:
-        table()
+        table(floor=a.mode == "floor")
 
 
 if __name__ == "__main__":

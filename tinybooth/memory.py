@@ -135,8 +135,11 @@ class PeakTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # a view or an in-place result shares an input's storage: no new memory (and a view of a weight, such as
+        # Linear's weight.t(), must not count the weight as if it were new)
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:
                 self._count(t.untyped_storage())
         return out
 
@@ -198,7 +201,7 @@ def optimizer_bytes(params, s):
     states: m and v per weight, 8 bytes in fp32, 4 in bf16, 1 + 1 in 8 bits plus an fp32 absmax per block of 2048
     (each tensor padded to whole blocks). temporaries: torch's AdamW on CUDA defaults to its foreach
     implementation, whose sqrt(v) / bias-correction list is a full fp32 copy of the weights; one tensor at a time
-    (torch on a CPU, --optimizer-in-backward) needs ~5 fp32 copies of the largest tensor, tinybooth.optim ~10 (it
+    (torch on a CPU, --optimizer-in-backward) needs ~2 fp32 copies of the largest tensor, tinybooth.optim ~10 (it
     decodes m and v to fp32 and rounds on the way back). tests/test_memory.py measures all three."""
     sizes = [p.numel() for p in params]
     if s["optimizer_states"] == "fp32":
@@ -211,8 +214,8 @@ def optimizer_bytes(params, s):
         copies = 10 * max(sizes, default=0)
     elif s["device"] == "cuda" and not s["optimizer_in_backward"]:  # torch's foreach AdamW: one list of sqrt(v)
         copies = sum(sizes)
-    else:                                   # torch's per-tensor AdamW: ~5 fp32 copies of the largest tensor
-        copies = 5.25 * max(sizes, default=0)
+    else:                                   # torch's per-tensor AdamW: ~2 fp32 copies of the largest tensor
+        copies = 2.1 * max(sizes, default=0)
     return states, int(4 * copies)
 
 

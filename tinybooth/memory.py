@@ -30,7 +30,9 @@ tensor storage that exists at each moment. Autocast, checkpointing, LoRA and the
 a real run, so activations at any resolution and batch come out of the same simulation. What the fake run
 cannot see: the CUDA context (~0.5 GiB, not counted by torch.cuda.max_memory_allocated either; `fits` adds it),
 cuDNN/cuBLAS workspaces, and the caching allocator's fragmentation; CUDA's autocast op lists differ slightly
-from the CPU's that the simulation runs. benchmarks/memory_model.py compares predictions with measured peaks.
+from the CPU's that the simulation runs. benchmarks/memory_model.py compares predictions with measured peaks:
+within 3.1% of six recorded GPU peaks (torch.cuda.max_memory_allocated, H100/H200), within 10% of the CPU
+resident peaks of full fine-tunes; on a CPU small runs are under-predicted by tens of MB (non-tensor memory).
 """
 import json
 import re

@@ -96,8 +96,8 @@ def dequantize_blockwise(codes, absmax, shape, signed):
 
 class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update with the moments stored as `states` ("fp32", "bf16" or "8bit"; see the module
-    docstring). bf16 weights are written back with stochastic rounding; `generator` makes the rounding
-    reproducible (it is saved with state_dict only as part of the caller's RNG state)."""
+    docstring). bf16 weights are written back with stochastic rounding; `generator` (on the weights' device)
+    makes the rounding reproducible; it is not part of state_dict: save and restore its state with the run's."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, states="fp32",
                  generator=None):

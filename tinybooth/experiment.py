@@ -24,7 +24,7 @@ from .unet import UNet
 
 FROZEN_DTYPE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # settings a resume may change: how long to train, how often to save, what to draw afterwards, where
-FREE_ON_RESUME = {"resume", "overwrite", "output_dir", "max_steps", "sr_steps", "checkpoint_every", "num_samples", "sample_steps",
+FREE_ON_RESUME = {"resume", "overwrite", "dry_run", "memory_budget", "output_dir", "max_steps", "sr_steps", "checkpoint_every", "num_samples", "sample_steps",
                   "device"}
 OUTPUTS = ("model", "sr_model", "lora", "sr_lora", "checkpoint.pt", "metrics.json", "samples.png", "loss.png")
 
@@ -150,16 +150,18 @@ def loop_settings(s, max_steps, lr):
     return LoopSettings(max_steps=max_steps, lr=lr, warmup_steps=s.lr_warmup_steps, weight_decay=1e-2,
                         max_grad_norm=s.max_grad_norm, grad_accum=s.grad_accum, mixed_precision=s.mixed_precision,
                         gradient_checkpointing=s.gradient_checkpointing,
-                        optimizer_in_backward=s.optimizer_in_backward, checkpoint_every=s.checkpoint_every)
+                        optimizer_in_backward=s.optimizer_in_backward, optimizer_states=s.optimizer_states,
+                        checkpoint_every=s.checkpoint_every)
 
 
-def make_trainable(module, rank, targets, frozen_dtype):
-    """Full fine-tuning (every weight, kept in fp32; autocast runs the maths in bf16/fp16) or LoRA adapters of this
-    rank on the attention projections (the frozen base weights then drop to the mixed-precision dtype)."""
+def make_trainable(module, rank, targets, frozen_dtype, states="fp32"):
+    """Full fine-tuning (every weight: fp32, or bf16 with low-precision AdamW states; autocast runs the maths in
+    bf16/fp16) or LoRA adapters of this rank on the attention projections (the frozen base weights then drop to the
+    mixed-precision dtype)."""
     if rank:
         lora.add_lora(module.to(frozen_dtype), rank, targets=targets)
     else:
-        module.float().requires_grad_(True)
+        module.to(torch.float32 if states == "fp32" else torch.bfloat16).requires_grad_(True)
     return module
 
 
@@ -174,9 +176,10 @@ def fine_tune_base(s, pipe, cache, c_prompt, c_pr_prompt, x_inst, x_class, ckpt,
         return
     if s.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    modules = {"unet": make_trainable(pipe.unet, s.lora_rank, lora.UNET_TARGETS, frozen_dtype)}
+    modules = {"unet": make_trainable(pipe.unet, s.lora_rank, lora.UNET_TARGETS, frozen_dtype, s.optimizer_states)}
     if s.train_text_encoder:
-        modules["text_encoder"] = make_trainable(pipe.text_encoder, s.lora_rank, lora.TEXT_TARGETS, frozen_dtype)
+        modules["text_encoder"] = make_trainable(pipe.text_encoder, s.lora_rank, lora.TEXT_TARGETS, frozen_dtype,
+                                                 s.optimizer_states)
 
     def model_space(x, generator):
         """Pixels for IF; for SD the latents z_0 = s z, z ~ q(z | x), drawn afresh each step as diffusers does."""
@@ -211,7 +214,7 @@ def fine_tune_sr(s, pipe, cache, c_prompt, ckpt, history):
     out, B = Path(s.output_dir), s.batch_size
     if s.gradient_checkpointing:
         pipe.sr_unet.enable_gradient_checkpointing()
-    make_trainable(pipe.sr_unet, s.lora_rank, lora.UNET_TARGETS, FROZEN_DTYPE[s.mixed_precision])
+    make_trainable(pipe.sr_unet, s.lora_rank, lora.UNET_TARGETS, FROZEN_DTYPE[s.mixed_precision], s.optimizer_states)
     x_high = data.load_instance_images(s.instance_dir, pipe.sr_resolution).to(s.device)  # [N, 3, H, W]
     level, c = dreambooth.sr_level(s.sr_noise_level, pipe.noising_schedule), cache[c_prompt].expand(B, -1, -1)
 

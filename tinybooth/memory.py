@@ -46,7 +46,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from tinybooth import lora, optim
-from tinybooth.text import CLIPTextEncoder, T5Encoder
+from tinybooth.clip import CLIPTextEncoder
+from tinybooth.text import T5Encoder
 from tinybooth.unet import UNet
 from tinybooth.vae import AutoencoderKL
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from tinybooth import experiment, models
+from tinybooth import experiment, memory, models
 from tinybooth.errors import ArgumentParser, UserError, main_guard
 from tinybooth.samplers import IF_TIMESTEPS, SAMPLERS
 
@@ -120,6 +120,15 @@ SETTINGS = (
                                      help="update each weight inside backward as soon as its gradient is ready and "
                                           "free that gradient (saves 4 bytes per trained weight: 3.4 GB on SD-1.5); "
                                           "needs --grad-accum 1, clips per tensor, not with fp16")),
+    ("--optimizer-states", dict(choices=("fp32", "bf16", "8bit"), default="fp32",
+                                help="AdamW's moments: fp32 (torch's), or bf16 with stochastic rounding / 8-bit blockwise "
+                                     "(tinybooth.optim; the trained weights are then bf16 too): 12 -> 6 or 4 bytes "
+                                     "per trained weight")),
+    ("--memory-budget", dict(type=memory.parse_size, default=None,
+                             help="e.g. 12GB: pick the settings that fit this much GPU memory (checkpointing, bf16, "
+                                  "optimizer in backward, low-precision states, LoRA, in that order) and say which")),
+    ("--dry-run", dict(action="store_true", help="print the predicted memory of each stage and stop, before "
+                                                   "loading any weights")),
     ("--checkpoint-every", dict(type=COUNT, default=FAMILY, help="steps between checkpoints")),
     ("--resume", dict(action="store_true", help="continue from <output-dir>/checkpoint.pt")),
     ("--num-samples", dict(type=STEPS, default=FAMILY, help="images per prompt in the sample grid (0: no samples)")),
@@ -211,9 +220,43 @@ def check_combinations(s):
         raise UserError("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
 
 
+# the settings tinybooth.memory's ladder may change, and what they are called here
+MEMORY_SETTINGS = ("lora_rank", "mixed_precision", "gradient_checkpointing", "optimizer_in_backward",
+                   "optimizer_states")
+
+
+def memory_settings(s):
+    """tinybooth.memory's keywords for these settings (fp16 autocast is modelled as bf16: the same bytes)."""
+    kw = {k: getattr(s, k) for k in MEMORY_SETTINGS}
+    kw.update(mixed_precision="no" if s.mixed_precision == "no" else "bf16", batch_size=s.batch_size,
+              train_text_encoder=s.train_text_encoder, prior_preservation=s.prior_preservation,
+              class_batch_size=min(s.class_batch_size, s.num_class_images), sample_batch=max(s.num_samples, 1) * 6,
+              device="cuda" if s.device.startswith("cuda") else "cpu")
+    return kw
+
+
+def fit_memory_budget(s):
+    """--memory-budget: the settings that fit, cheapest in quality first, applied to s; prints what was chosen."""
+    chosen, explanation = memory.fit_budget(s.memory_budget, s.model, s.sr_model if s.sr_steps else None,
+                                            **memory_settings(s))
+    for k in MEMORY_SETTINGS:
+        setattr(s, k, chosen[k])
+    check_combinations(s)
+    print(explanation)
+    return s
+
+
 def run(argv=None):
-    """Parse and run; returns the output directory (errors raise: main() turns them into one line)."""
-    return experiment.run(parse(argv))
+    """Parse and run; returns the output directory, or the memory prediction with --dry-run (errors raise: main()
+    turns them into one line)."""
+    s = parse(argv)
+    if s.memory_budget is not None:
+        s = fit_memory_budget(s)
+    if s.dry_run:
+        prediction = memory.predict(s.model, s.sr_model if s.sr_steps else None, **memory_settings(s))
+        print(memory.format_table(prediction))
+        return prediction
+    return experiment.run(s)
 
 
 def main(argv=None):

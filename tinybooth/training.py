@@ -16,6 +16,7 @@ and what makes a long run safe to leave alone:
     so a full fine-tune never holds every gradient at once.
 """
 import contextlib
+import functools
 import math
 import os
 import random
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import files
+from . import files, optim
 from .checkpoint import CheckpointError
 
 EXPLODING = 1e4  # a loss this many times the median of the recent ones is a blow-up, not noise
@@ -54,6 +55,7 @@ class LoopSettings:
     mixed_precision: str = "no"            # autocast dtype: "no", "bf16" or "fp16" (trained weights stay fp32)
     gradient_checkpointing: bool = False
     optimizer_in_backward: bool = False
+    optimizer_states: str = "fp32"         # AdamW's moments: "fp32", or "bf16" / "8bit" (tinybooth.optim, bf16 weights)
     checkpoint_every: int = 0              # 0: only at the end (when a checkpoint path is given)
     time_limit: float = math.inf           # seconds; the stage stops after max_steps or this, whichever first
     ema_decay: float = None                # keep an exponential moving average of the weights (pretraining)
@@ -140,9 +142,8 @@ class OptimizerInBackward:
     knows. Same update as torch.optim.AdamW otherwise (tests/test_training.py compares them).
     """
 
-    def __init__(self, params, lr, weight_decay, max_grad_norm, betas=(0.9, 0.999)):
-        self.optimizers = {k: torch.optim.AdamW([p], lr=lr, weight_decay=weight_decay, betas=betas)
-                           for k, p in params.items()}
+    def __init__(self, params, lr, weight_decay, max_grad_norm, betas=(0.9, 0.999), adamw=torch.optim.AdamW):
+        self.optimizers = {k: adamw([p], lr=lr, weight_decay=weight_decay, betas=betas) for k, p in params.items()}
         self.max_grad_norm = max_grad_norm
         self.hooks = [p.register_post_accumulate_grad_hook(self._update(self.optimizers[k]))
                       for k, p in params.items()]
@@ -174,11 +175,15 @@ class OptimizerInBackward:
             h.remove()
 
 
-def make_optimizer(params, s):
-    """AdamW over params {name: tensor} as the settings s ask: stepped after backward, or inside it."""
+def make_optimizer(params, s, rounding=None):
+    """AdamW over params {name: tensor} as the settings s ask: stepped after backward or inside it, with fp32 moments
+    (torch's) or low-precision ones (tinybooth.optim; `rounding` draws its stochastic rounding)."""
+    adamw = torch.optim.AdamW
+    if s.optimizer_states != "fp32":
+        adamw = functools.partial(optim.AdamW, states=s.optimizer_states, generator=rounding)
     if s.optimizer_in_backward:
-        return OptimizerInBackward(params, s.lr, s.weight_decay, s.max_grad_norm, s.betas)
-    return torch.optim.AdamW(params.values(), lr=s.lr, weight_decay=s.weight_decay, betas=s.betas)
+        return OptimizerInBackward(params, s.lr, s.weight_decay, s.max_grad_norm, s.betas, adamw)
+    return adamw(params.values(), lr=s.lr, weight_decay=s.weight_decay, betas=s.betas)
 
 
 def learning_rate(s, step):
@@ -217,9 +222,10 @@ class Trainer:
                  history=None):
         self.name, self.modules, self.loss_fn, self.s = name, modules, loss_fn, s
         self.params = {f"{k}.{n}": p for k, m in modules.items() for n, p in m.named_parameters() if p.requires_grad}
-        self.optimizer = make_optimizer(self.params, s)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=s.mixed_precision == "fp16")
         self.generator = torch.Generator(device).manual_seed(seed)
+        self.rounding = torch.Generator(device).manual_seed(seed + 7) if s.optimizer_states != "fp32" else None
+        self.optimizer = make_optimizer(self.params, s, self.rounding)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=s.mixed_precision == "fp16")
         self.ema = EMA(modules, s.ema_decay) if s.ema_decay else None
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.run_settings, self.history = run_settings or {}, history if history is not None else []
@@ -238,9 +244,14 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
                 "history": list(self.history), "settings": self.run_settings}
 
+    def rng_state(self):
+        """Every generator the step draws from; with low-precision states also the stochastic rounding's."""
+        state = rng_state(self.generator)
+        return state if self.rounding is None else {**state, "rounding": self.rounding.get_state()}
+
     def save(self, state=None):
         if self.checkpoint_path is not None:
-            save_checkpoint(self.checkpoint_path, state or self.state(rng_state(self.generator)))
+            save_checkpoint(self.checkpoint_path, state or self.state(self.rng_state()))
 
     def load(self, ckpt):
         if set(ckpt["trainable"]) != set(self.params):
@@ -253,6 +264,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], self.generator)
+        if self.rounding is not None:
+            self.rounding.set_state(ckpt["rng"]["rounding"])
         self.step = ckpt["step"]
         self.history[:] = ckpt["history"]
 
@@ -309,7 +322,7 @@ class Trainer:
         t0 = time.time() - self.seconds
         try:
             while self.step < self.s.max_steps and time.time() - t0 < self.s.time_limit:
-                rng_at_start = rng_state(self.generator)  # restored by a checkpoint written during this step
+                rng_at_start = self.rng_state()  # restored by a checkpoint written during this step
                 with ctrl_c_held() as pressed:  # a step is never cut in half (an update half applied)
                     logs = self.train_step(rng_at_start)
                     self.after_step(logs, bar)

@@ -59,7 +59,8 @@ def cell(code, err, changed, replace):
     files = f", **{len(changed)} {noun} of the finished run changed: {', '.join(changed[:3])}{more}**" if changed \
         else ""
     return f"exit {code}{kind}{files}: `{shown}`", {"traceback": "Traceback" in text, "changed": bool(changed),
-                                                      "exit2": code == 2}
+                                                      "exit2": code == 2,
+                                                      "one_error": len(errors) == 1}
 
 
 def run_case(checkout, case, shared, run, pristine, index):
@@ -114,7 +115,8 @@ def main():
     for label, facts in totals.items():
         print(f"{label}: {sum(f['traceback'] for f in facts)} tracebacks, "
               f"{sum(f['changed'] for f in facts)} cases changed files of the finished run, "
-              f"{sum(f['exit2'] for f in facts)} of {len(facts)} exit 2")
+              f"{sum(f['exit2'] for f in facts)} of {len(facts)} exit 2, "
+              f"{sum(f['one_error'] for f in facts)} with exactly one `error:` line")
     shutil.rmtree(tmp)
 
 

@@ -347,3 +347,35 @@ def test_default_toy_run_end_to_end_in_a_few_steps(tmp_path, capsys):
     assert {"subject_probability", "PRES_subject_probability", "PRES", "class_DIV", "sr_psnr_db"} <= set(metrics["toy"])
     assert UNet.from_pretrained(out / "model" / "unet").config["sample_size"] == 32
     assert UNet.from_pretrained(out / "sr_model" / "unet").config["sample_size"] == 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory: --dry-run, --memory-budget, low-precision optimizer states
+
+def test_dry_run_predicts_every_stage_without_training(tmp_path, capsys):
+    prediction = train.run(["--dry-run", "--output-dir", str(tmp_path / "run")])
+    assert {"text", "class", "base", "sr", "sample"} <= set(prediction), "each stage of the run gets a prediction"
+    assert "fine-tune base" in capsys.readouterr().out and not (tmp_path / "run").exists(), \
+        "--dry-run prints the table and writes nothing"
+
+
+def test_a_small_memory_budget_picks_cheaper_settings(tmp_path, capsys):
+    from tinybooth import memory
+    full = train.run(["--dry-run"])
+    budget = 0.8 * memory.needed(full)
+    prediction = train.run(["--dry-run", "--memory-budget", str(int(budget))])
+    out = capsys.readouterr().out
+    assert "chosen:" in out and memory.needed(prediction) <= budget, out
+    s = prediction["settings"]
+    assert s["gradient_checkpointing"] or s["mixed_precision"] == "bf16" or s["lora_rank"], \
+        f"a budget below the default's need must switch a saving on: {s}"
+
+
+@pytest.mark.parametrize("states", ["bf16", "8bit"])
+def test_low_precision_optimizer_states_train_bf16_weights(tiny_if, photos, tmp_path, states):
+    out = tmp_path / "run"
+    train.run(_if_args(tiny_if, photos, out, "--max-steps", "2", "--sr-steps", "0", "--num-samples", "0",
+                       "--optimizer-states", states))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in ckpt["trainable"].values()), "bf16 weights with low-precision states"
+    assert "rounding" in ckpt["rng"], "the stochastic rounding's generator is saved, so resume stays exact"

@@ -26,7 +26,6 @@ import torch
 from . import cascade, data, rare_tokens
 from .generate import generate, stack
 from .loss import diffusion_loss, prior_preservation_loss
-from .errors import UserError
 
 # sample-grid prompts: the subject recontextualised and with changed properties, then the bare class prompt (does
 # "a star" still draw stars in general, or only the subject?)
@@ -39,13 +38,11 @@ PUBLIC_TEMPLATES = ("a {}", "a {} in the jungle", "a {} on the beach", "a {} on 
 # 4.1 the identifier and the prompts
 
 def choose_identifier(tokenizer, seed=0, lower_case=False):
-    """[V] by the paper's rare-token search (Sec. 4.1) with the run's seed: the first candidate that stays one token
-    inside a prompt and, with lower_case (IF, whose pipeline lower-cases every prompt), is already lower case, so
-    the token trained is the token later asked for ('Mul' would become 'mul', another token)."""
-    for text in rare_tokens.rare_token_candidates(tokenizer, seed=seed):
-        if rare_tokens.count_tokens(tokenizer, text) == 1 and (not lower_case or text == text.lower()):
-            return text
-    raise UserError("the rare-token search found no identifier that stays one token; pass --identifier")
+    """[V] by the paper's rare-token search (Sec. 4.1) with the run's seed: the first candidate (ids 5000-10000,
+    decoded to <= 3 characters) that stays one token inside a prompt, is no common word (a word brings its meaning
+    with it; tinybooth.rare_tokens says which candidates it refused and why) and, with lower_case (IF, whose
+    pipeline lower-cases every prompt), is already lower case, so the token trained is the token later asked for."""
+    return rare_tokens.find_identifier(tokenizer, seed=seed, lower_case=lower_case)
 
 
 def subject_prompt(identifier, class_noun, template="a {}"):

@@ -10,10 +10,10 @@ peak (ru_maxrss) minus that of the same setting on a "micro" U-Net of ~0.1 M wei
 the CPU kernels' code and scratch: ~0.35 GiB that no model of tensors can see). glibc is told to
 serve every allocation above 64 kB with mmap (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set at
 once and ru_maxrss follows the live bytes; the rest of the gap is the autograd graph's own objects and the
-allocator's page rounding. The prediction is memory.simulate_training's weights + optimizer states + step peak for
+allocator's page rounding. The prediction is memory_trace.simulate_training's weights + optimizer states + step peak for
 the same setting on device "cpu" (per-tensor AdamW).
 
-table: memory.simulate_training at each public model's native resolution with device "cuda" (torch's foreach AdamW,
+table: memory_trace.simulate_training at each public model's native resolution with device "cuda" (torch's foreach AdamW,
 the figure torch.cuda.max_memory_allocated would report), bf16 autocast, frozen weights in bf16; a card needs the
 peak plus 0.5 GB of CUDA context (memory.CUDA_CONTEXT). Predicted only unless a row says otherwise.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tinybooth import lora, memory, optim  # noqa: E402
+from tinybooth import lora, memory, memory_trace, optim  # noqa: E402
 from tinybooth.unet import UNet  # noqa: E402
 
 TOY = json.loads((memory.PUBLIC_DIR.parent / "toy-IF-I" / "unet" / "config.json").read_text())
@@ -65,7 +65,7 @@ def build_real(config, s):
     """The U-Net of setting s with random weights, built on the meta device and materialised in its final dtypes
     (no fp32 copy first, so the build itself is not the peak)."""
     with torch.device("meta"):
-        unet = memory.trainable(UNet.from_config(config), s, lora.UNET_TARGETS)
+        unet = memory_trace.trainable(UNet.from_config(config), s, lora.UNET_TARGETS)
     unet = unet.to_empty(device="cpu")
     with torch.no_grad():
         for p in unet.parameters():
@@ -103,8 +103,8 @@ def child(name, setting):
     opts = optimizers_for(params, s)
     dtype = next(unet.parameters()).dtype
     for _ in range(2):
-        with memory.autocast(s):
-            z_t, t, c, level = memory.unet_inputs(unet, 2, size, dtype)
+        with memory_trace.autocast(s):
+            z_t, t, c, level = memory_trace.unet_inputs(unet, 2, size, dtype)
             out = unet(z_t, t, c, noise_level=level)
             loss = (out.float() - torch.randn_like(out, dtype=torch.float32)).pow(2).mean()
         loss.backward()
@@ -126,7 +126,7 @@ def measure(name, setting):
 
 def predicted(name, setting, device):
     config, size = config_of(name)
-    r = memory.simulate_training(config, dict(SETTINGS[setting], device=device), size, 2)
+    r = memory_trace.simulate_training(config, dict(SETTINGS[setting], device=device), size, 2)
     return r["weights"] + r["optimizer states"] + r["step peak"]
 
 
@@ -170,7 +170,7 @@ def table_row(name, tune, states, ckpt, in_backward=False):
     s = dict(BASE, mixed_precision="bf16", frozen_weights="bf16", device="cuda", gradient_checkpointing=ckpt,
              optimizer_states=states, lora_rank=4 if tune == "LoRA" else 0, optimizer_in_backward=in_backward)
     n = 1 if c["family"] == "if-sr" else 2  # stage II fine-tunes on subject images only
-    r = memory.cached(memory.simulate_training, c["unet"], s, c["unet"]["sample_size"], n, c.get("vae"))
+    r = memory.cached(memory_trace.simulate_training, c["unet"], s, c["unet"]["sample_size"], n, c.get("vae"))
     total = r["weights"] + r["optimizer states"] + r["step peak"]
     cards = [g for g in memory.CARDS_GB if total + memory.CUDA_CONTEXT <= g * memory.GB]
     label = (states + (" + in backward" if in_backward else "")) if tune == "full" else "fp32 (adapters)"
@@ -211,7 +211,7 @@ def recorded():
     for name, setting, n, meas, machine in RECORDED:
         config = memory.model_configs(name)["unet"]
         s = dict(SETTINGS[setting], device="cuda")
-        r = memory.simulate_training(config, s, 64, n)
+        r = memory_trace.simulate_training(config, s, 64, n)
         pred = r["weights"] + r["optimizer states"] + r["step peak"]
         if s["lora_rank"]:  # train_memory.py builds the U-Net in fp32 before casting its frozen weights to bf16
             pred = max(pred, 4 * memory.count_params("unet", config))

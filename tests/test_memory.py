@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tinybooth import memory, optim
+from tinybooth import memory, memory_trace, optim
 from tinybooth.memory import GB, GiB
 
 TOY = memory.PUBLIC_DIR.parent / "toy-IF-I"
@@ -35,8 +35,8 @@ def test_simulated_step_on_fake_tensors_allocates_what_a_real_step_does():
     """The whole predictor rests on this: the same step run on fake tensors and on real ones (the toy U-Net, bf16
     autocast with checkpointing) leaves the tracker with the same bytes."""
     s = dict(FULL, mixed_precision="bf16", gradient_checkpointing=True)
-    fake = memory.cached(memory.simulate_training, TOY_UNET, s, 32, 2)
-    real = memory.simulate_training(TOY_UNET, s, 32, 2, fake=False)
+    fake = memory.cached(memory_trace.simulate_training, TOY_UNET, s, 32, 2)
+    real = memory_trace.simulate_training(TOY_UNET, s, 32, 2, fake=False)
     for part in fake:  # (checkpointing saves the RNG state, a few kB that differ between fake and real)
         assert abs(fake[part] - real[part]) <= 1e-3 * real[part], (
             f"the fake-tensor step's {part} ({fake[part]} bytes) differs from the real step's ({real[part]})")
@@ -47,7 +47,7 @@ def _real_step_bytes(params, optimizer):
     for _ in range(2):
         for p in params:
             p.grad = torch.randn_like(p)
-        with memory.PeakTracker() as tracker:
+        with memory_trace.PeakTracker() as tracker:
             optimizer.step()
     states = sum(t.numel() * t.element_size() for st in optimizer.state.values() for k, v in st.items()
                  if k != "step" for t in (v if isinstance(v, tuple) else (v,)))
@@ -63,7 +63,7 @@ def test_optimizer_bytes_match_a_real_optimizer_step(states, foreach):
                  else optim.AdamW(params, states=states))
     real_states, real_temp = _real_step_bytes(params, optimizer)
     s = dict(FULL, optimizer_states=states, device="cuda" if foreach else "cpu")
-    pred_states, pred_temp = memory.optimizer_bytes(params, s)
+    pred_states, pred_temp = memory_trace.optimizer_bytes(params, s)
     assert pred_states == real_states, f"{states} states: predicted {pred_states} bytes, the optimizer holds " \
                                        f"{real_states}"
     assert real_temp <= pred_temp <= 1.25 * real_temp, (
@@ -71,14 +71,14 @@ def test_optimizer_bytes_match_a_real_optimizer_step(states, foreach):
 
 
 def test_savings_lower_what_they_should_on_the_toy_model():
-    base = memory.cached(memory.simulate_training, TOY_UNET, FULL, 32, 1)
-    ckpt = memory.cached(memory.simulate_training, TOY_UNET, dict(FULL, gradient_checkpointing=True), 32, 1)
-    bigger = memory.cached(memory.simulate_training, TOY_UNET, FULL, 32, 2)
+    base = memory.cached(memory_trace.simulate_training, TOY_UNET, FULL, 32, 1)
+    ckpt = memory.cached(memory_trace.simulate_training, TOY_UNET, dict(FULL, gradient_checkpointing=True), 32, 1)
+    bigger = memory.cached(memory_trace.simulate_training, TOY_UNET, FULL, 32, 2)
     assert ckpt["activations"] < 0.5 * base["activations"], "checkpointing should keep far fewer activations"
     assert bigger["activations"] > 1.8 * base["activations"], "activations should grow with the batch"
-    eight = memory.optimizer_bytes([torch.zeros(4096)], dict(FULL, optimizer_states="8bit"))[0]
-    bf16 = memory.optimizer_bytes([torch.zeros(4096)], dict(FULL, optimizer_states="bf16"))[0]
-    fp32 = memory.optimizer_bytes([torch.zeros(4096)], dict(FULL, optimizer_states="fp32"))[0]
+    eight = memory_trace.optimizer_bytes([torch.zeros(4096)], dict(FULL, optimizer_states="8bit"))[0]
+    bf16 = memory_trace.optimizer_bytes([torch.zeros(4096)], dict(FULL, optimizer_states="bf16"))[0]
+    fp32 = memory_trace.optimizer_bytes([torch.zeros(4096)], dict(FULL, optimizer_states="fp32"))[0]
     assert eight < bf16 < fp32, f"states: 8bit {eight}, bf16 {bf16}, fp32 {fp32} bytes"
 
 

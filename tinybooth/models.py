@@ -32,20 +32,27 @@ TOY_BASE, TOY_SR = ASSETS / "toy-IF-I", ASSETS / "toy-IF-II"   # the embedded de
 TOY_SUBJECT = ROOT / "examples" / "toy_subject"                # its subject: five photos of a teal/pink star
 TOY_SUBJECT_INFO = ASSETS / "toy_subject.json"                  # the subject's class noun and how it was drawn
 
-# Per family: fine-tuning (paper: lr 1e-5 for Imagen, 5e-6 for SD, ~1000 steps; the toy model is ~100x smaller
-# and must finish in a few CPU minutes: higher lr, fewer steps) and sampling (IF's and SD's diffusers pipeline
-# defaults; the toy draws its 32 px shapes cleanly in 25 steps). The toy's tiny T5 is fine-tuned too: frozen, it
-# encodes "a [V] star" almost as "a star" (pooled cosine 0.93), so the U-Net alone must pull the two apart.
+# Per family: fine-tuning (paper: lr 1e-5 for Imagen, 5e-6 for SD, ~1000 steps, lambda = 1; the identifier from
+# the rare-token search) and sampling (IF's and SD's diffusers pipeline defaults). The toy model is ~100x smaller
+# and must finish in a few CPU minutes: a higher lr and fewer steps; its tiny T5 is fine-tuned too (frozen, it
+# encodes "a [V] star" almost as "a star", pooled cosine 0.93). Its identifier is "fw", a candidate of the paper's
+# search (ids 5000-10000, one token, no word) picked because the shipped T5 encodes "a fw star" least like "a star"
+# (cosine 0.87): with the search's first candidate, every setting that put the subject in more samples also put it
+# into "a star". With it, lambda = 0.5 and 300 steps the subject appears in 0.95 / 0.78 / 1.00 of samples (seeds
+# 0-2) and never in "a star" (benchmarks/toy_search.json has the runs compared; lessons/08_ablations.py says more).
 FAMILY_DEFAULTS = {
-    "toy": dict(lr=3e-4, sr_lr=1e-4, max_steps=400, sr_steps=60, batch_size=4, num_class_images=32,
+    "toy": dict(lr=5e-4, sr_lr=1e-4, max_steps=300, sr_steps=60, batch_size=4, num_class_images=32,
                 class_steps=25, steps=25, guidance=5.0, sampler="ancestral", sr_sample_steps=25, sr_guidance=4.0,
-                checkpoint_every=100, num_samples=3, train_text_encoder=True),
+                checkpoint_every=100, num_samples=3, train_text_encoder=True, prior_loss_weight=0.5,
+                identifier="fw"),
     "if": dict(lr=1e-5, sr_lr=1e-5, max_steps=1000, sr_steps=500, batch_size=1, num_class_images=200,
                class_steps=100, steps=100, guidance=7.0, sampler="ancestral", sr_sample_steps=50, sr_guidance=4.0,
-               checkpoint_every=250, num_samples=4, train_text_encoder=False),
+               checkpoint_every=250, num_samples=4, train_text_encoder=False, prior_loss_weight=1.0,
+               identifier=None),
     "sd": dict(lr=5e-6, sr_lr=None, max_steps=1000, sr_steps=0, batch_size=1, num_class_images=200,
-               class_steps=50, steps=50, guidance=7.5, sampler="ddim", sr_sample_steps=None, sr_guidance=None,
-               checkpoint_every=250, num_samples=4, train_text_encoder=False),
+               class_steps=50, steps=50, guidance=7.5, sampler="pndm", sr_sample_steps=None, sr_guidance=None,
+               checkpoint_every=250, num_samples=4, train_text_encoder=False, prior_loss_weight=1.0,
+               identifier=None),
 }
 PIPELINE_CLASSES = {"IFPipeline": "if", "StableDiffusionPipeline": "sd", "IFSuperResolutionPipeline": "sr"}
 

@@ -82,7 +82,8 @@ SETTINGS = (
     ("--instance-dir", dict(help="folder with the 3-5 photos of the subject (default: examples/toy_subject)")),
     ("--class-noun", dict(help="the subject's class ('dog'); required with --instance-dir (the paper's ablation shows "
                                "a missing or wrong class noun fails)")),
-    ("--identifier", dict(help="the token [V]; default: the paper's rare-token search in the tokenizer")),
+    ("--identifier", dict(default=FAMILY, help="the token [V] (None: the paper's rare-token search in the "
+                                               "tokenizer)")),
     ("--output-dir", dict(help="where everything is written (default: runs/dreambooth-<model name>)")),
     ("--overwrite", dict(action="store_true", help="replace a finished or partial run in --output-dir")),
     ("--class-dir", dict(help="class-image cache (default: <output-dir>/class_images/<class prompt>)")),
@@ -95,7 +96,7 @@ SETTINGS = (
     ("--class-batch-size", dict(type=COUNT, default=16, help="class images generated per batch")),
     ("--no-prior-preservation", dict(dest="prior_preservation", action="store_false",
                                      help="train on the subject alone (ablation): no class images, no prior term")),
-    ("--prior-loss-weight", dict(type=NON_NEGATIVE, default=1.0, help="lambda of eq. (2)")),
+    ("--prior-loss-weight", dict(type=NON_NEGATIVE, default=FAMILY, help="lambda of eq. (2) (the paper: 1)")),
     ("--train-text-encoder", dict(action=argparse.BooleanOptionalAction, default=FAMILY,
                                   help="fine-tune the text encoder too (CLIP, the toy T5)")),
     ("--lora-rank", dict(type=STEPS, default=0, help="train LoRA adapters of this rank instead of all weights (0: off)")),

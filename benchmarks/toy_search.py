@@ -4,6 +4,7 @@
     python benchmarks/toy_search.py run NAME [train flags ...]             # one `tinybooth.train` run, re-scored
     python benchmarks/toy_search.py eval RUN_DIR [--samples 8] [--steps 25] [--guidance 5] [--sampler ancestral]
     python benchmarks/toy_search.py ti [--seed 0] [--steps 300] [--lr 5e-3]  # Textual Inversion, the baseline
+    python benchmarks/toy_search.py table                                  # the results as a markdown table
 
 `run` trains with the toy defaults plus the given flags (class images cached in runs/search/class_s<seed>, so
 later runs reuse them; the first run's class-image time is the one to quote), keeps the command's own toy block
@@ -101,7 +102,10 @@ def score(unet, schedule, encoder, tokenizer, identifier, x_inst, x_class, sampl
     g = torch.Generator().manual_seed(seed)
     images = cascade.sample_base(unet, schedule, c[:-1], c[-1:].expand_as(c[:-1]), guidance, steps, sampler,
                                  generator=g).clamp(-1, 1)
-    return train.toy_metrics(images, prompts, samples, x_inst, x_class, None)
+    m = train.toy_metrics(images, prompts, samples, x_inst, x_class, None)
+    evaluator = te.ToyEvaluator.from_pretrained()
+    p_subject = te.subject_probability(evaluator, images.float()).view(len(prompts), samples).mean(1)  # [P]
+    return {**m, "subject_probability_per_prompt": {q: round(float(v), 3) for q, v in zip(prompts, p_subject)}}
 
 
 def eval_run(run_dir, samples, settings):
@@ -135,9 +139,10 @@ class ScaledGroup(dict):
         super().__setitem__(key, value * self.get("scale", 1.0) if key == "lr" else value)
 
 
-def use_text_lrs(text_lr, embedding_lr):
+def use_text_lrs(text_lr, embedding_lr, only_row=None):
     """Make train.Stage's base stage give the T5's layers lr text_lr and its token table (shared.weight, without
-    weight decay, so that rows without gradient stay put) lr embedding_lr; the U-Net keeps --lr."""
+    weight decay, so that rows without gradient stay put) lr embedding_lr; the U-Net keeps --lr. only_row: the
+    identifier's token id, the one row of the table that learns (the rows of "a", "star", ... stay frozen)."""
     original = train.Stage.__init__
 
     def __init__(self, name, modules, loss_fn, cfg, max_steps, lr, device, history):
@@ -151,6 +156,11 @@ def use_text_lrs(text_lr, embedding_lr):
         scales = {"unet": 1.0, "text": (text_lr or lr) / lr, "embedding": (embedding_lr or text_lr or lr) / lr}
         groups = [{"params": ps, "weight_decay": 0.0 if kind == "embedding" else 1e-2} for kind, ps in kinds.items()]
         self.optimizer = torch.optim.AdamW(groups, lr=lr)
+        if only_row is not None:
+            table = modules["text_encoder"].shared.weight
+            keep = torch.zeros(table.shape[0], 1)
+            keep[only_row] = 1.0
+            table.register_hook(lambda grad: grad * keep)
         self.optimizer.param_groups = [ScaledGroup(g, scale=scales[kind]) for g, kind in
                                        zip(self.optimizer.param_groups, kinds)]
 
@@ -195,6 +205,25 @@ def textual_inversion(seed, steps, lr, batch_size, identifier, samples, init_fro
                    "rescored": [{"samples": samples, "steps": 25, "guidance": 5.0, "sampler": "ancestral", **m}]})
 
 
+def table():
+    """The results so far as a markdown table: one line per (run, sampler setting)."""
+    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    print("| run | settings | samples | sampler | P(subject) | prompt fid. | P(subj. \"a star\") | DIV a star "
+          "(before) | seconds (class/base/sr/grids) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for e in r.get("rescored", []):
+            t = r.get("timings", {})
+            flags = " ".join(r.get("flags", [])) + "".join(f" {k}={r[k]}" for k in ("text_lr", "embedding_lr",
+                                                                                      "only_identifier_row", "lr",
+                                                                                      "steps") if r.get(k))
+            print(f"| {r['name']} | {flags} | {e['samples']} | {e['sampler']} {e['steps']} g{e['guidance']:g} | "
+                  f"{e['subject_probability']:.2f} | {e['prompt_fidelity']:.2f} | "
+                  f"{e['class_prompt_subject_probability']:.2f} | {e.get('class_prompt_diversity', 0):.3f} "
+                  f"({e.get('class_prompt_diversity_before', float('nan')):.3f}) | "
+                  f"{'/'.join(str(t.get(k, '-')) for k in ('class_images_s', 'base_s', 'sr_s', 'samples_s'))} |")
+
+
 def parse_settings(text_):
     """'25:5:ancestral,50:7:ddim' -> [(25, 5.0, 'ancestral'), (50, 7.0, 'ddim')]."""
     out = []
@@ -218,6 +247,9 @@ def main(argv=None):
         if name == "run":
             s.add_argument("--text-lr", type=float, help="lr of the T5's layers (default: --lr)")
             s.add_argument("--embedding-lr", type=float, help="lr of the T5's token table (default: --text-lr)")
+            s.add_argument("--only-identifier-row", action="store_true",
+                           help="of the token table only the identifier's row learns (needs --identifier)")
+    sub.add_parser("table")
     t = sub.add_parser("ti")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=300)
@@ -227,14 +259,20 @@ def main(argv=None):
     t.add_argument("--samples", type=int, default=8)
     t.add_argument("--init-from-class", action="store_true", help="start v at the embedding of 'star'")
     args, rest = p.parse_known_args(argv)
-    if args.what == "evaluator":
+    if args.what == "table":
+        table()
+    elif args.what == "evaluator":
         append_result({"name": "evaluator accuracy", "n_per_kind": args.n, "seed": args.seed,
                        "accuracy": evaluator_accuracy(args.n, args.seed)})
     elif args.what == "run":
-        if args.text_lr or args.embedding_lr:
-            use_text_lrs(args.text_lr, args.embedding_lr)
+        row = None
+        if args.only_identifier_row:
+            tokenizer, _ = load_text(train.TOY_MODEL)
+            row = ti.identifier_token(tokenizer, rest[rest.index("--identifier") + 1])
+        if args.text_lr or args.embedding_lr or row is not None:
+            use_text_lrs(args.text_lr, args.embedding_lr, row)
         run_and_eval(args.target, rest, args.samples, parse_settings(args.settings),
-                     {"text_lr": args.text_lr, "embedding_lr": args.embedding_lr})
+                     {"text_lr": args.text_lr, "embedding_lr": args.embedding_lr, "only_identifier_row": row})
     elif args.what == "eval":
         meta, evals = eval_run(args.target, args.samples, parse_settings(args.settings))
         append_result({"name": f"eval {args.target}", "identifier": meta["settings"]["identifier"],

@@ -48,13 +48,15 @@ one seed, identifier "lux", the 32 class images of seed 0; DIV of "a star" befor
     300 steps, lr 5e-4, lambda 0.5, "fw"       0.95        0.93         0.00                   0.245
       seed 1 (its own class images)            0.78        0.82         0.00                   0.152 (before 0.250)
       seed 2 (its own class images)            1.00        0.80         0.00                   0.172 (before 0.192)
+    300 steps, lr 5e-4, lambda 0.75, "fw"      1.00        0.85         0.00                   0.252
+    200 steps, lr 5e-4, lambda 0.5, "fw"       0.94        0.87         0.00                   0.218
     Textual Inversion (150 steps, lr 1e-2)     0.00 x 3 seeds  1.00/1.00/0.98  0.00 (model unchanged)
 
 The sampler of the grid is not the bottleneck (DDIM is much worse). With "lux", the subject and the class move
 together: whatever lets the subject in (a lower lambda, a fast identifier embedding) lets it into "a star" too.
 The identifier "fw" (the rare-token candidate whose "a [V] star" the frozen T5 encodes least like "a star": pooled
-cosine 0.87, "lux" 0.93) with the same settings keeps "a star" free of the subject on three seeds; its prompt
-fidelity (0.80-0.93) is below the issue's 0.9. DIV of 8 samples is noisy (the "before" of 8 class images ranges
+cosine 0.87, "lux" 0.93) with the same settings keeps "a star" free of the subject on three seeds (and at lambda 0.75, and in
+200 steps); its prompt fidelity (0.80-0.93) stays below the issue's 0.9. DIV of 8 samples is noisy (the "before" of 8 class images ranges
 0.147-0.250 over seeds). Textual Inversion never draws the two-colour star: the frozen model has never drawn a
 two-colour shape.
 """

@@ -54,11 +54,11 @@ one seed, identifier "lux", the 32 class images of seed 0; DIV of "a star" befor
 
 The sampler of the grid is not the bottleneck (DDIM is much worse). With "lux", the subject and the class move
 together: whatever lets the subject in (a lower lambda, a fast identifier embedding) lets it into "a star" too.
-The identifier "fw" (the rare-token candidate whose "a [V] star" the frozen T5 encodes least like "a star": pooled
-cosine 0.87, "lux" 0.93) with the same settings keeps "a star" free of the subject on three seeds (and at lambda 0.75, and in
-200 steps); its prompt fidelity (0.80-0.93) stays below the issue's 0.9. DIV of 8 samples is noisy (the "before" of 8 class images ranges
-0.147-0.250 over seeds). Textual Inversion never draws the two-colour star: the frozen model has never drawn a
-two-colour shape.
+The identifier "fw" (the rare-token candidate whose "a [V] star" the frozen T5 encodes least like "a star":
+pooled cosine 0.87, "lux" 0.93) with the same settings keeps "a star" free of the subject on three seeds (also
+at lambda 0.75, and in 200 steps); its prompt fidelity (0.80-0.93) stays below the issue's 0.9. DIV of 8 samples
+is noisy (the "before" of 8 class images ranges 0.147-0.250 over seeds). Textual Inversion never draws the
+two-colour star: the frozen model has never drawn a two-colour shape.
 """
 import argparse
 import json

@@ -31,6 +31,34 @@ of the two groups:
 
 The frozen tiny T5 encodes "a lux star" almost as "a star" (pooled cosine 0.93), so the U-Net alone has to pull
 the subject and the class apart; fine-tuning the encoder lets the identifier move instead.
+
+The search of issue 17 (benchmarks/toy_search.py; every figure is in benchmarks/toy_search.json). Each model
+re-scored with 8 samples per prompt (40 subject-prompt samples, so about +-0.08), ancestral 25 steps, guidance 5,
+one seed, identifier "lux", the 32 class images of seed 0; DIV of "a star" before fine-tuning: 0.147:
+
+    run                                        P(subject)  prompt fid.  P(subject | "a star")  DIV "a star"
+    default (400 steps, lr 3e-4, lambda 1)     0.38        0.93         0.08                   0.239
+      same model, guidance 8                   0.45        0.98         0.00                   0.271
+      same model, 50 steps                     0.43        0.91         0.00                   0.223
+      same model, DDIM 25 steps                0.10        0.70         0.00                   0.247
+    250 steps, identifier row lr 1e-2          0.45        0.98         0.62                   0.189
+    250 steps, T5 lr 1e-3                      0.26        0.98         0.00                   0.210
+    300 steps, lr 5e-4, lambda 0.5             0.90        0.85         0.75                   0.098
+    300 steps, lr 5e-4, lambda 0.75            0.49        0.90         0.25                   0.247
+    300 steps, lr 5e-4, lambda 0.5, "fw"       0.95        0.93         0.00                   0.245
+      seed 1 (its own class images)            0.78        0.82         0.00                   0.152 (before 0.250)
+      seed 2 (its own class images)            1.00        0.80         0.00                   0.172 (before 0.192)
+    300 steps, lr 5e-4, lambda 0.75, "fw"      1.00        0.85         0.00                   0.252
+    200 steps, lr 5e-4, lambda 0.5, "fw"       0.94        0.87         0.00                   0.218
+    Textual Inversion (150 steps, lr 1e-2)     0.00 x 3 seeds  1.00/1.00/0.98  0.00 (model unchanged)
+
+The sampler of the grid is not the bottleneck (DDIM is much worse). With "lux", the subject and the class move
+together: whatever lets the subject in (a lower lambda, a fast identifier embedding) lets it into "a star" too.
+The identifier "fw" (the rare-token candidate whose "a [V] star" the frozen T5 encodes least like "a star":
+pooled cosine 0.87, "lux" 0.93) with the same settings keeps "a star" free of the subject on three seeds (also
+at lambda 0.75, and in 200 steps); its prompt fidelity (0.80-0.93) stays below the issue's 0.9. DIV of 8 samples
+is noisy (the "before" of 8 class images ranges 0.147-0.250 over seeds). Textual Inversion never draws the
+two-colour star: the frozen model has never drawn a two-colour shape.
 """
 import argparse
 import json

@@ -12,7 +12,7 @@ Each row is one `tinybooth.train` run with the toy defaults and one thing change
 
 Lesson 08 shows the table this writes (a full set of runs takes ~10-15 minutes on 2 CPU cores, too long for CI).
 
-How the toy defaults were chosen (tinybooth.train.BACKBONE_DEFAULTS["toy"]): after the toy base model was trained
+How the toy defaults were chosen (tinybooth.models.FAMILY_DEFAULTS["toy"]): after the toy base model was trained
 longer (toy-IF-I/TRAINING.md) the old default, 200 steps at lr 7e-4 with the T5 frozen, no longer learned the
 subject. One run per row, SR off, 6 samples per prompt (so +-0.1 is noise); the same 32 class images within each
 of the two groups:
@@ -66,11 +66,10 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tinybooth import train  # noqa: E402
+from tinybooth import experiment, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {  # name -> (extra command-line flags, changes to the settings the command line cannot express)
@@ -83,13 +82,14 @@ VARIANTS = {  # name -> (extra command-line flags, changes to the settings the c
 
 
 def run_variant(name, flags, changes, out_root, extra):
-    cfg = train.settings_from_args(["--output-dir", str(out_root / name.split(" (")[0].replace(" ", "_")),
-                                    *flags, *extra])
-    cfg = replace(cfg, **changes)
-    out = train.run(cfg)
+    s = train.parse(["--output-dir", str(out_root / name.split(" (")[0].replace(" ", "_")), "--overwrite",
+                     *flags, *extra])
+    vars(s).update(changes)
+    out = experiment.run(s)
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"variant": name, "instance_prompt": metrics["instance_prompt"], "class_prompt": metrics["class_prompt"],
-            **metrics["toy"], "seconds": metrics["timings"]["total_s"]}
+    return {"variant": name, "instance_prompt": metrics["settings"]["instance_prompt"],
+            "class_prompt": metrics["settings"]["class_prompt"], **metrics["toy"],
+            "seconds": metrics["timings"]["total_s"]}
 
 
 def main(argv=None):

@@ -2,17 +2,17 @@
 import pytest
 import torch
 
-from tinybooth import data, text, textual_inversion as ti, train
+from tinybooth import data, models, text, textual_inversion as ti
 from tinybooth.schedule import DiscreteSchedule
 from tinybooth.unet import UNet
 
 
 def test_textual_inversion_changes_only_the_identifier_row():
-    tokenizer = text.T5Tokenizer.from_pretrained(train.TOY_MODEL / "tokenizer")
-    encoder = text.T5Encoder.from_pretrained(train.TOY_MODEL / "text_encoder")
-    unet = UNet.from_pretrained(train.TOY_MODEL / "unet")
-    schedule = DiscreteSchedule.from_pretrained(train.TOY_MODEL / "scheduler")
-    x = data.load_instance_images(train.TOY_SUBJECT, 32)[:2]
+    tokenizer = text.T5Tokenizer.from_pretrained(models.TOY_BASE / "tokenizer")
+    encoder = text.T5Encoder.from_pretrained(models.TOY_BASE / "text_encoder")
+    unet = UNet.from_pretrained(models.TOY_BASE / "unet")
+    schedule = DiscreteSchedule.from_pretrained(models.TOY_BASE / "scheduler")
+    x = data.load_instance_images(models.TOY_SUBJECT, 32)[:2]
     token_id = ti.identifier_token(tokenizer, "fw")
     table_before = encoder.shared.weight.detach().clone()
     unet_before = {k: v.clone() for k, v in unet.state_dict().items()}
@@ -28,6 +28,6 @@ def test_textual_inversion_changes_only_the_identifier_row():
 
 
 def test_identifier_of_several_tokens_is_refused():
-    tokenizer = text.T5Tokenizer.from_pretrained(train.TOY_MODEL / "tokenizer")
+    tokenizer = text.T5Tokenizer.from_pretrained(models.TOY_BASE / "tokenizer")
     with pytest.raises(ValueError, match="single token"):
         ti.identifier_token(tokenizer, "a lux star")

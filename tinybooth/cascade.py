@@ -147,15 +147,16 @@ def text_model_key(model_dir):
     """A short id of a pipeline's text side: text_encoder/ (config.json, names and sizes of the weight files) and
     tokenizer/ (every file's content; they are small).
 
-    Cheap (no hashing of 10 GB of T5) yet it changes when the weights are replaced or re-downloaded in another
-    precision, or the tokenizer changes; the directory's absolute path is part of it too.
+    Cheap (no hashing of 10 GB of T5) yet it changes when the weights are replaced (a rerun of train into the same
+    folder writes them anew: their modification time changes), re-downloaded in another precision, or the tokenizer
+    changes; the directory's absolute path is part of it too.
     """
     d = Path(model_dir).resolve()
     h = hashlib.sha256(str(d).encode())
     config = d / "text_encoder" / "config.json"
     h.update(config.read_bytes() if config.exists() else b"")
     for f in sorted((d / "text_encoder").glob("*.safetensors")) + sorted((d / "text_encoder").glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())  # rewritten weights: a new key
     for f in sorted((d / "tokenizer").glob("*")):
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]

@@ -17,7 +17,7 @@ were. The encoder's own forward then "swaps in" v wherever the identifier's toke
 """
 import torch
 
-from tinybooth.train import dreambooth_loss, repeat
+from tinybooth.dreambooth import dreambooth_loss
 
 
 def identifier_token(tokenizer, identifier):
@@ -65,7 +65,7 @@ def train_embedding(unet, schedule, encoder, tokenizer, x_inst, prompt, token_id
     losses = []
     for _ in range(steps):
         i = torch.randint(len(x_inst), (batch_size,), generator=generator, device=device).cpu()
-        c = repeat(encode(encoder, tokenizer, [prompt], device, grad=True), batch_size)  # [B, L, D]
+        c = encode(encoder, tokenizer, [prompt], device, grad=True).expand(batch_size, -1, -1)  # [B, L, D]
         loss, _ = dreambooth_loss(unet, schedule, x_inst[i], c, None, None, 0.0, generator)  # eq. (1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -183,12 +183,6 @@ EVALUATE_RUN = ["evaluate", "--model", "{run}", "--subject-dir", "{subject}", "-
                 "--steps", "1", "--out", "{work}/eval"]
 
 
-def not_yet(*case):
-    """A case that still fails, marked so: the file is read outside tinybooth.checkpoint / tinybooth.files
-    (schedule.py, text.py use json.loads). Strict: once fixed, the mark must go."""
-    return pytest.param(case, id=case[0], marks=pytest.mark.xfail(
-        strict=True, reason="read with json.loads; use tinybooth.files.read_json"))
-
 RANDOM = bytes(range(256)) * 8
 
 CASES = [
@@ -248,9 +242,9 @@ CASES = [
     ("subject folder is a file", subject(lambda s, _: shutil.rmtree(s) or s.write_text("x")), EVALUATE,
      "subject' does not exist or is not a directory"),
     ("run's settings.json invalid JSON", run_folder, EVALUATE_RUN, "settings.json' is not valid JSON (line 1"),
-    not_yet("scheduler_config.json invalid JSON", model(lambda m: truncate(m / SCHEDULER, 10)), SAMPLE,
+    ("scheduler_config.json invalid JSON", model(lambda m: truncate(m / SCHEDULER, 10)), SAMPLE,
             "scheduler_config.json' is not valid JSON"),
-    not_yet("tokenizer_config.json invalid JSON", model(lambda m: truncate(m / TOKENIZER_CONFIG, 10)), SAMPLE,
+    ("tokenizer_config.json invalid JSON", model(lambda m: truncate(m / TOKENIZER_CONFIG, 10)), SAMPLE,
             "tokenizer_config.json' is not valid JSON"),
     ("checkpoint.pt of random bytes", file_setup(lambda f: f.write_bytes(RANDOM)), ["library", LOAD_CHECKPOINT, "{f}"],
      "f' is not a tinybooth checkpoint (not a file written by torch.save"),

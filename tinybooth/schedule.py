@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .files import read_json
 
 # diffusers' defaults for keys a scheduler_config.json may leave out (DDPMScheduler / DDIMScheduler agree on all
 # shared keys; variance_type is DDPM's, set_alpha_to_one DDIM's).
@@ -221,8 +222,7 @@ class DiscreteSchedule:
         if not file.exists():
             raise UserError(f"no scheduler_config.json at '{path}'; pass a pipeline's scheduler/ directory "
                              "or the json file itself")
-        with open(file) as f:
-            return cls.from_config(json.load(f))
+        return cls.from_config(read_json(file))
 
     def save_pretrained(self, path):
         """Write scheduler_config.json into the directory `path` (created if needed)."""

@@ -24,7 +24,6 @@ T5's differences from the textbook transformer, each of which changes the number
 The tokenizers wrap the `sentencepiece` (T5) and `tokenizers` (CLIP BPE) packages and return fixed-length ids and
 an attention mask, padded/truncated the way the public pipelines call them (padding="max_length", truncation=True).
 """
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .errors import UserError
+from .files import read_json
 
 GELU_TANH = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731  transformers' "gelu_new"
 
@@ -341,7 +341,7 @@ class T5Tokenizer:
                                     f"holds spiece.model (DeepFloyd IF: <pipeline>/tokenizer/). "
                                     f"Download: {checkpoint.DOWNLOAD_HINT}")
         cfg_file = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        cfg = read_json(cfg_file) if cfg_file.exists() else {}
         return cls(spiece, extra_ids=cfg.get("extra_ids", 100))
 
     @property

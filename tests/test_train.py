@@ -324,8 +324,9 @@ def test_no_arguments_means_the_toy_cascade_and_subject():
     assert cfg.family == "toy" and Path(cfg.model) == TOY / "toy-IF-I" and Path(cfg.sr_model) == TOY / "toy-IF-II"
     assert Path(cfg.instance_dir) == ROOT / "examples" / "toy_subject"
     assert cfg.class_noun == json.loads((TOY / "toy_subject.json").read_text())["class_noun"]
-    assert cfg.prior_preservation and cfg.prior_loss_weight == 1.0 and cfg.sr_noise_level == 1e-5, \
-        "the default is the paper's recipe: prior preservation with lambda = 1, SR noise augmentation 1e-5"
+    assert cfg.prior_preservation and cfg.prior_loss_weight == 0.5 and cfg.sr_noise_level == 1e-5, \
+        "the toy default: prior preservation (lambda 0.5, issue 17's search), SR noise augmentation 1e-5"
+    assert cfg.identifier == "fw", "the toy's identifier: a candidate of the paper's search (models.FAMILY_DEFAULTS)"
     assert cfg.train_text_encoder, "the toy T5 is fine-tuned by default (lessons/08_ablations.py says why)"
     assert not train.parse(["--no-train-text-encoder"]).train_text_encoder
 

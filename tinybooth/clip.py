@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint
+from .checkpoint import CheckpointError
 from .errors import UserError
 from .text import as_list, config_fields, pad_and_truncate, split_loaded_keys
 
@@ -294,7 +295,7 @@ class CLIPTokenizer:
         elif (path / CLIP_VOCAB_GZ).exists():
             vocab, merges = clip_vocab_from_gz(path / CLIP_VOCAB_GZ)
         else:
-            raise checkpoint.CheckpointError(f"'{path}' has no vocab.json + merges.txt, tokenizer.json or {CLIP_VOCAB_GZ}; "
+            raise CheckpointError(f"'{path}' has no vocab.json + merges.txt, tokenizer.json or {CLIP_VOCAB_GZ}; "
                                     f"a CLIP tokenizer directory is <pipeline>/tokenizer/. "
                                     f"Download: {checkpoint.DOWNLOAD_HINT}")
         pad = CLIP_EOS

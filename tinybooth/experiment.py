@@ -24,8 +24,8 @@ from .unet import UNet
 
 FROZEN_DTYPE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # settings a resume may change: how long to train, how often to save, what to draw afterwards, where
-FREE_ON_RESUME = {"resume", "overwrite", "dry_run", "memory_budget", "output_dir", "max_steps", "sr_steps", "checkpoint_every", "num_samples", "sample_steps",
-                  "device"}
+FREE_ON_RESUME = {"resume", "overwrite", "dry_run", "memory_budget", "output_dir", "max_steps", "sr_steps",
+                  "checkpoint_every", "num_samples", "sample_steps", "device"}
 OUTPUTS = ("model", "sr_model", "lora", "sr_lora", "checkpoint.pt", "metrics.json", "samples.png", "loss.png")
 
 
@@ -89,8 +89,8 @@ def _run(s):
     plots.save_loss_plot(history, out / "loss.png")
     timings["samples_s"] = round(time.time() - t0, 1)
     metrics["timings"] = {**timings, "total_s": round(time.time() - t_start, 1)}
-    files.atomic_write_json(out / "metrics.json", {"settings": settings_record(s, c_prompt, c_pr_prompt), "sample_prompts": prompts,
-                                      **metrics, "history": history})
+    files.atomic_write_json(out / "metrics.json", {"settings": settings_record(s, c_prompt, c_pr_prompt),
+                                                   "sample_prompts": prompts, **metrics, "history": history})
     print_outputs(out, metrics)
     return out
 
@@ -107,8 +107,8 @@ def check_output_dir(s):
                                   f"never written to: choose another --output-dir")
     found = [name for name in OUTPUTS if (out / name).exists()]
     if found and not (s.resume or s.overwrite):
-        raise CheckpointError(f"--output-dir '{s.output_dir}' already holds a run ({', '.join(found)}); add --resume to "
-                              f"continue it, --overwrite to replace it, or choose another --output-dir")
+        raise CheckpointError(f"--output-dir '{s.output_dir}' already holds a run ({', '.join(found)}); add --resume "
+                              f"to continue it, --overwrite to replace it, or choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
 
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint
+from .checkpoint import CheckpointError
 from .errors import UserError
 from .files import read_json
 
@@ -337,7 +338,7 @@ class T5Tokenizer:
         if not spiece.exists():
             saved_by_transformers = " (tokenizer.json alone is what transformers >= 5 saves: copy spiece.model " \
                                     "from the original tokenizer)" if (path / "tokenizer.json").exists() else ""
-            raise checkpoint.CheckpointError(f"no spiece.model in '{path}'{saved_by_transformers}; a T5 tokenizer directory "
+            raise CheckpointError(f"no spiece.model in '{path}'{saved_by_transformers}; a T5 tokenizer directory "
                                     f"holds spiece.model (DeepFloyd IF: <pipeline>/tokenizer/). "
                                     f"Download: {checkpoint.DOWNLOAD_HINT}")
         cfg_file = path / "tokenizer_config.json"

@@ -99,7 +99,8 @@ SETTINGS = (
     ("--prior-loss-weight", dict(type=NON_NEGATIVE, default=FAMILY, help="lambda of eq. (2) (the paper: 1)")),
     ("--train-text-encoder", dict(action=argparse.BooleanOptionalAction, default=FAMILY,
                                   help="fine-tune the text encoder too (CLIP, the toy T5)")),
-    ("--lora-rank", dict(type=STEPS, default=0, help="train LoRA adapters of this rank instead of all weights (0: off)")),
+    ("--lora-rank", dict(type=STEPS, default=0,
+                         help="train LoRA adapters of this rank instead of all weights (0: off)")),
     ("--lr", dict(type=POSITIVE, default=FAMILY, help="learning rate of the base model")),
     ("--sr-lr", dict(type=POSITIVE, default=FAMILY, help="learning rate of the super-resolution model")),
     ("--lr-warmup-steps", dict(type=STEPS, default=10, help="linear warm-up steps, then constant")),
@@ -122,9 +123,9 @@ SETTINGS = (
                                           "free that gradient (saves 4 bytes per trained weight: 3.4 GB on SD-1.5); "
                                           "needs --grad-accum 1, clips per tensor, not with fp16")),
     ("--optimizer-states", dict(choices=("fp32", "bf16", "8bit"), default="fp32",
-                                help="AdamW's moments: fp32 (torch's), or bf16 with stochastic rounding / 8-bit blockwise "
-                                     "(tinybooth.optim; the trained weights are then bf16 too): 12 -> 6 or 4 bytes "
-                                     "per trained weight")),
+                                help="AdamW's moments: fp32 (torch's), or bf16 with stochastic rounding / 8-bit "
+                                     "blockwise (tinybooth.optim; the trained weights are then bf16 too): 12 -> 6 or 4 "
+                                     "bytes per trained weight")),
     ("--memory-budget", dict(type=memory.parse_size, default=None,
                              help="e.g. 12GB: pick the settings that fit this much GPU memory (checkpointing, bf16, "
                                   "optimizer in backward, low-precision states, LoRA, in that order) and say which")),

@@ -172,7 +172,7 @@ def table_row(name, tune, states, ckpt, in_backward=False):
     n = 1 if c["family"] == "if-sr" else 2  # stage II fine-tunes on subject images only
     r = memory.cached(memory_trace.simulate_training, c["unet"], s, c["unet"]["sample_size"], n, c.get("vae"))
     total = r["weights"] + r["optimizer states"] + r["step peak"]
-    cards = [g for g in memory.CARDS_GB if total + memory.CUDA_CONTEXT <= g * memory.GB]
+    cards = memory.cards_for(total + memory.CUDA_CONTEXT)
     label = (states + (" + in backward" if in_backward else "")) if tune == "full" else "fp32 (adapters)"
     print(f"| {name} | {tune} | {label} | {'on' if ckpt else 'off'} | {total / memory.GB:.1f} | "
           f"{', '.join(map(str, cards)) or 'none'} |", flush=True)

@@ -241,7 +241,12 @@ def fits(prediction, budget):
 
 def cards_that_fit(prediction):
     """Which of the common card sizes (8, 12, 16, 24 GB) hold the run."""
-    return [c for c in CARDS_GB if fits(prediction, c * GB)]
+    return cards_for(needed(prediction))
+
+
+def cards_for(needed_bytes):
+    """The common card sizes (GB) with at least needed_bytes."""
+    return [c for c in CARDS_GB if needed_bytes <= c * GB]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,7 +270,9 @@ def format_table(prediction):
             lines.append(f"  {STAGE_NAMES[stage]:16s}" + "".join(f"{r[p] / GB:18.2f}" for p in PARTS) +
                          f"{r['peak'] / GB:10.2f}" + ("  <- peak" if r["peak"] == top else ""))
     if s["device"] == "cuda":
-        lines.append(f"  a card needs {gb(needed(prediction))} (peak + {CUDA_CONTEXT / GB:.2f} GB CUDA context)")
+        cards = ", ".join(f"{c} GB" for c in cards_that_fit(prediction)) or f"none of {CARDS_GB} GB"
+        lines.append(f"  a card needs {gb(needed(prediction))} (peak + {CUDA_CONTEXT / GB:.2f} GB CUDA context): "
+                     f"fits {cards}")
     return "\n".join(lines)
 
 

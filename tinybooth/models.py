@@ -166,10 +166,11 @@ def load_pipeline(model_dir, sr_dir=None, device="cpu", vae_dtype=None, text_enc
     family = detect_family(model_dir)
     require(model_dir, ["tokenizer", "text_encoder", "unet", "scheduler"] + (["vae"] if family == "sd" else []))
     pipe = Pipeline(family=family, path=model_dir, unet=load_unet(model_dir / "unet", device=device),
-                    schedule=DiscreteSchedule.from_pretrained(model_dir / "scheduler"),
-                    tokenizer=TEXT_CLASSES[family][0].from_pretrained(model_dir / "tokenizer"))
+                    schedule=DiscreteSchedule.from_pretrained(model_dir / "scheduler"))
     if text_encoder:
-        pipe.text_encoder = load_text_encoder(model_dir, family, device=device)[1]
+        pipe.tokenizer, pipe.text_encoder = load_text_encoder(model_dir, family, device=device)
+    else:
+        pipe.tokenizer = TEXT_CLASSES[family][0].from_pretrained(model_dir / "tokenizer")
     if family == "sd":
         pipe.vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=vae_dtype, device=device,
                                                  variant=stored_variant(model_dir / "vae", WEIGHTS_STEM))

@@ -53,18 +53,3 @@ def per_prompt(evaluator, subject, real):
     """[{prompt, subject_fidelity, prompt_fidelity}] for each subject prompt."""
     return [{"prompt": p, "subject_fidelity": round(float(te.subject_fidelity(evaluator, x, real)), 4),
              "prompt_fidelity": round(float(te.prompt_fidelity(evaluator, x, p).mean()), 4)} for p, x in subject]
-
-
-@torch.no_grad()
-def evaluator_accuracy(evaluator, n=200, seed=12345):
-    """How often the evaluator is right on freshly rendered pictures: P(subject) > 0.5 on n renders of the subject in
-    random contexts, and < 0.5 on n random world pictures (stars among them), seed unused in training."""
-    import numpy as np
-    from tinybooth.toy import world
-    rng = np.random.default_rng(seed)
-    subject = [world.render(s) for s in world.random_specs(rng, n, subject_fraction=1.0)]
-    others = [world.render(s) for s in world.random_specs(rng, n, subject_fraction=0.0)]
-    p_subject = te.subject_probability(evaluator, world.to_tensor(subject))
-    p_others = te.subject_probability(evaluator, world.to_tensor(others))
-    return {"subject_renders_recognised": round(float((p_subject > 0.5).float().mean()), 4),
-            "other_renders_rejected": round(float((p_others < 0.5).float().mean()), 4), "renders": n, "seed": seed}

@@ -1,111 +1,144 @@
 """The paper's ablations at toy scale: DreamBooth runs on the embedded toy cascade, scored by the toy evaluator.
 
-    python lessons/08_ablations.py [--steps N] [--out lessons/08_ablations.json]
+    python lessons/08_ablations.py [--seeds 0,1,2] [--rows "DreamBooth,Textual Inversion"] [--out FILE]
 
-Each row is one `tinybooth.train` run with the toy defaults and one thing changed, as in the paper:
+Each row changes one thing against the toy defaults of `python -m tinybooth.train` and is run once per seed (each
+seed draws its own class images, noise and samples); the table gives the mean and the range over the seeds:
 
-    DreamBooth                  the correct class noun ("star"), prior preservation (eq. 2, lambda = 1), SR 1e-5
-    no prior preservation       eq. (1) on the subject only (Sec. 4.3: language drift, less diversity)
-    wrong class noun            "a [V] heart" for a star (Sec. 4.4, class-noun ablation)
-    no class noun               "a [V]" (Sec. 4.4)
+    DreamBooth                  the default command: "a [V] star", prior preservation (eq. 2)
+    no prior preservation       eq. (1) on the subject alone (Sec. 4.3: language drift, less diversity)
+    no class noun               "a [V]" for the subject, prior preservation kept on with c_pr = "a" (Sec. 4.4)
+    wrong class noun            "a [V] heart" for a star, c_pr = "a heart" (Sec. 4.4)
     SR noise augmentation 1e-3  the SR model fine-tuned (and sampled) at Imagen's usual 1e-3 instead of 1e-5
+    Textual Inversion           the paper's baseline (Table 1): only the embedding of [V] is learned, U-Net and
+                                T5 frozen (tinybooth.textual_inversion), eq. (1), 150 steps at lr 1e-2
 
-Lesson 08 shows the table this writes (a full set of runs takes ~10-15 minutes on 2 CPU cores, too long for CI).
-
-How the toy defaults were chosen (tinybooth.models.FAMILY_DEFAULTS["toy"]): after the toy base model was trained
-longer (toy-IF-I/TRAINING.md) the old default, 200 steps at lr 7e-4 with the T5 frozen, no longer learned the
-subject. One run per row, SR off, 6 samples per prompt (so +-0.1 is noise); the same 32 class images within each
-of the two groups:
-
-    steps  lr      text encoder   P(subject)   prompt fidelity   P(subject | "a star")   DIV of "a star"
-    200    7e-4    frozen         0.17         0.70              0.00                    0.14   every star blue on yellow
-    200    3e-4    frozen         0.21         0.86              0.29                    0.19
-    200    1.5e-4  frozen         0.07         1.00              0.00                    0.19   the subject not learned
-    400    3e-4    frozen         0.04         0.76              0.00                    0.08   every star red on green
-    200    7e-4    fine-tuned     0.28         0.63              0.00                    0.12
-    200    3e-4    fine-tuned     0.38         1.00              0.33                    0.28
-    --- other class images:
-    200    3e-4    fine-tuned     0.17         0.97              0.17                    0.22
-    300    5e-4    fine-tuned     0.45         0.87              0.00                    0.28
-    400    3e-4    fine-tuned     0.64         0.90              0.00                    0.23   the default
-
-The frozen tiny T5 encodes "a lux star" almost as "a star" (pooled cosine 0.93), so the U-Net alone has to pull
-the subject and the class apart; fine-tuning the encoder lets the identifier move instead.
-
-The search of issue 17 (benchmarks/toy_search.py; every figure is in benchmarks/toy_search.json). Each model
-re-scored with 8 samples per prompt (40 subject-prompt samples, so about +-0.08), ancestral 25 steps, guidance 5,
-one seed, identifier "lux", the 32 class images of seed 0; DIV of "a star" before fine-tuning: 0.147:
-
-    run                                        P(subject)  prompt fid.  P(subject | "a star")  DIV "a star"
-    default (400 steps, lr 3e-4, lambda 1)     0.38        0.93         0.08                   0.239
-      same model, guidance 8                   0.45        0.98         0.00                   0.271
-      same model, 50 steps                     0.43        0.91         0.00                   0.223
-      same model, DDIM 25 steps                0.10        0.70         0.00                   0.247
-    250 steps, identifier row lr 1e-2          0.45        0.98         0.62                   0.189
-    250 steps, T5 lr 1e-3                      0.26        0.98         0.00                   0.210
-    300 steps, lr 5e-4, lambda 0.5             0.90        0.85         0.75                   0.098
-    300 steps, lr 5e-4, lambda 0.75            0.49        0.90         0.25                   0.247
-    300 steps, lr 5e-4, lambda 0.5, "fw"       0.95        0.93         0.00                   0.245
-      seed 1 (its own class images)            0.78        0.82         0.00                   0.152 (before 0.250)
-      seed 2 (its own class images)            1.00        0.80         0.00                   0.172 (before 0.192)
-    300 steps, lr 5e-4, lambda 0.75, "fw"      1.00        0.85         0.00                   0.252
-    200 steps, lr 5e-4, lambda 0.5, "fw"       0.94        0.87         0.00                   0.218
-    Textual Inversion (150 steps, lr 1e-2)     0.00 x 3 seeds  1.00/1.00/0.98  0.00 (model unchanged)
-
-The sampler of the grid is not the bottleneck (DDIM is much worse). With "lux", the subject and the class move
-together: whatever lets the subject in (a lower lambda, a fast identifier embedding) lets it into "a star" too.
-The identifier "fw" (the rare-token candidate whose "a [V] star" the frozen T5 encodes least like "a star":
-pooled cosine 0.87, "lux" 0.93) with the same settings keeps "a star" free of the subject on three seeds (also
-at lambda 0.75, and in 200 steps); its prompt fidelity (0.80-0.93) stays below the issue's 0.9. DIV of 8 samples
-is noisy (the "before" of 8 class images ranges 0.147-0.250 over seeds). Textual Inversion never draws the
-two-colour star: the frozen model has never drawn a two-colour shape.
+Every row is scored the way `train` scores its grid (tinybooth.experiment.sample_grids): 3 samples per subject
+prompt (15 per run), 16 of the class prompt, compared with all of the run's class images. Lesson 08 shows the
+table this writes; a full set (6 rows x 3 seeds) takes ~35 minutes on 2 CPU cores, too long for CI.
+benchmarks/toy_search.json keeps the runs the toy defaults were chosen from.
 """
 import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tinybooth import experiment, train  # noqa: E402
+from tinybooth import data, dreambooth, experiment, models, train  # noqa: E402
+from tinybooth import textual_inversion as ti  # noqa: E402
+from tinybooth.generate import encode_prompts  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {  # name -> (extra command-line flags, changes to the settings the command line cannot express)
     "DreamBooth": ([], {}),
     "no prior preservation": (["--no-prior-preservation"], {}),
+    "no class noun": ([], {"class_noun": ""}),           # "a [V]"; the prior term stays, with c_pr = "a"
     "wrong class noun (heart)": (["--class-noun", "heart"], {}),
-    "no class noun": (["--no-prior-preservation"], {"class_noun": ""}),  # "a [V]": no class, so no prior either
     "SR noise augmentation 1e-3": (["--sr-noise-level", "1e-3"], {}),
 }
+TI_ROW, TI_STEPS, TI_LR = "Textual Inversion", 150, 1e-2
+COLUMNS = ("subject_probability", "subject_fidelity", "prompt_fidelity", "PRES_subject_probability", "class_DIV",
+           "class_DIV_before", "sr_psnr_db")
 
 
-def run_variant(name, flags, changes, out_root, extra):
-    s = train.parse(["--output-dir", str(out_root / name.split(" (")[0].replace(" ", "_")), "--overwrite",
-                     *flags, *extra])
+def run_variant(name, flags, changes, out, seed, extra=(), reuse=False):
+    """One `train` run of a row (with reuse, a finished run of the same settings already in `out` is read
+    instead, e.g. `python -m tinybooth.train --seed 0 --output-dir <runs-dir>/DreamBooth_s0`); returns its toy
+    scores and wall time."""
+    s = train.parse(["--output-dir", str(out), "--overwrite", "--seed", str(seed), *flags, *extra])
     vars(s).update(changes)
-    out = experiment.run(s)
+    if not (reuse and same_settings(s, out / "metrics.json")):
+        experiment.run(s)
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"variant": name, "instance_prompt": metrics["settings"]["instance_prompt"],
+    return {"seed": seed, "instance_prompt": metrics["settings"]["instance_prompt"],
             "class_prompt": metrics["settings"]["class_prompt"], **metrics["toy"],
             "seconds": metrics["timings"]["total_s"]}
+
+
+def same_settings(s, metrics_file):
+    """Does metrics_file hold a finished run of the settings s (the flags that only say where to write aside)?"""
+    if not metrics_file.exists():
+        return False
+    done = json.loads(metrics_file.read_text())["settings"]
+    return all(done.get(k) == (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()
+               if k not in ("overwrite", "identifier"))
+
+
+def run_textual_inversion(out, seed, extra=()):
+    """The baseline: the frozen toy model, one learned embedding row; scored like a train run's grid."""
+    t0 = time.time()
+    s = train.parse(["--output-dir", str(out), "--overwrite", "--seed", str(seed), *extra, "--sr-model", "none"])
+    experiment.check_output_dir(s)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = models.load_pipeline(s.model, None, torch.device("cpu"), torch.float32, text_encoder=True)
+    c_prompt, c_pr_prompt = dreambooth.subject_prompt(s.identifier, s.class_noun), dreambooth.class_prompt(s.class_noun)
+    x_inst = data.load_instance_images(s.instance_dir, pipe.resolution)     # [N, 3, 32, 32]
+    torch.manual_seed(seed)
+    ti.train_embedding(pipe.unet, pipe.schedule, pipe.text_encoder, pipe.tokenizer, x_inst, c_prompt,
+                       ti.identifier_token(pipe.tokenizer, s.identifier), TI_STEPS, TI_LR, s.batch_size, seed)
+    prompts = dreambooth.grid_prompts(s.identifier, s.class_noun, dreambooth.TOY_TEMPLATES)
+    cache = encode_prompts(pipe, list(dict.fromkeys([c_prompt, c_pr_prompt, "", *prompts])))
+    paths = dreambooth.generate_class_images(pipe, cache, c_pr_prompt, out / "class_images", s.num_class_images,
+                                             s.class_batch_size, s.seed, s.class_steps, s.class_sampler, s.guidance)
+    x_class = data.load_images(paths, pipe.resolution)                       # the same class images as train's
+    metrics = experiment.sample_grids(s, pipe, cache, prompts, c_prompt, x_inst, x_class)
+    return {"seed": seed, "instance_prompt": c_prompt, "class_prompt": c_pr_prompt, **metrics["toy"],
+            "seconds": round(time.time() - t0, 1)}
+
+
+def summarise(runs):
+    """{column: {"mean", "min", "max"}} over a row's seeds."""
+    out = {}
+    for c in COLUMNS:
+        values = [r[c] for r in runs if c in r]
+        if values:
+            out[c] = {"mean": round(statistics.mean(values), 4), "min": min(values), "max": max(values)}
+    return out
+
+
+def format_table(table):
+    """The rows as markdown: mean (min-max) over the seeds."""
+    cols = [c for c in COLUMNS if c != "class_DIV_before"]
+    lines = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for row in table["rows"]:
+        cells = [f"{row['summary'][c]['mean']:.2f} ({row['summary'][c]['min']:.2f}-{row['summary'][c]['max']:.2f})"
+                 if c in row["summary"] else "" for c in cols]
+        if "class_DIV" in row["summary"] and "class_DIV_before" in row["summary"]:
+            cells[cols.index("class_DIV")] += f" vs {row['summary']['class_DIV_before']['mean']:.2f} before"
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(HERE / "08_ablations.json"))
     p.add_argument("--runs-dir", default=str(HERE.parent / "runs" / "ablations"))
-    p.add_argument("--steps", type=int, help="base-model steps per run (default: the toy default)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run per row and seed")
+    p.add_argument("--rows", default=",".join([*VARIANTS, TI_ROW]), help="comma-separated row names")
+    p.add_argument("--train-flags", default="", help="more train flags for every run, e.g. '--max-steps 100'")
+    p.add_argument("--reuse", action="store_true", help="read finished runs of the same settings in --runs-dir")
     args = p.parse_args(argv)
-    extra = ["--max-steps", str(args.steps)] if args.steps else []
-    t0 = time.time()
-    rows = [run_variant(name, flags, changes, Path(args.runs_dir), extra)
-            for name, (flags, changes) in VARIANTS.items()]
-    table = {"command": "python lessons/08_ablations.py" + (f" --steps {args.steps}" if args.steps else ""),
-             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch CPU",
-             "minutes": round((time.time() - t0) / 60, 1), "rows": rows}
+    seeds, names, extra = [int(x) for x in args.seeds.split(",")], args.rows.split(","), args.train_flags.split()
+    t0, rows = time.time(), []
+    for name in names:
+        runs = []
+        for seed in seeds:
+            out = Path(args.runs_dir) / f"{name.split(' (')[0].replace(' ', '_')}_s{seed}"
+            runs.append(run_textual_inversion(out, seed, extra) if name == TI_ROW else
+                        run_variant(name, *VARIANTS[name], out, seed, extra, args.reuse))
+        rows.append({"variant": name, "summary": summarise(runs), "runs": runs})
+    table = {"command": " ".join(["python lessons/08_ablations.py", *(sys.argv[1:] if argv is None else argv)]),
+             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch "
+                        f"{torch.__version__}", "minutes": round((time.time() - t0) / 60, 1), "seeds": seeds,
+             "rows": rows}
     Path(args.out).write_text(json.dumps(table, indent=2) + "\n")
+    print(format_table(table))
     print(f"wrote {args.out}")
 
 

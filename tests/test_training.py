@@ -56,6 +56,31 @@ def test_learning_rate_warms_up_then_stays_or_decays():
     assert training.learning_rate(cos, 0) == 1.0 and math.isclose(training.learning_rate(cos, 50), 0.5)
 
 
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_a_module_with_its_own_lr_is_stepped_as_adamw_at_that_lr(in_backward):
+    """module_lr (train's --text-encoder-lr): that module's weights move as AdamW at its own lr moves them, the
+    others as AdamW at lr, both through the warm-up (the loss is a sum of one term per module, so each module's
+    gradients do not depend on the other)."""
+    x = torch.randn(5, 4)
+    modules, twins = {"unet": _mlp(2), "text_encoder": _mlp(1)}, {"unet": _mlp(2), "text_encoder": _mlp(1)}
+    loss = lambda m: m["unet"](x).square().mean() + (m["text_encoder"](x) - 1).square().mean()  # noqa: E731
+    s = LoopSettings(max_steps=3, lr=1e-2, module_lr=(("text_encoder", 3e-2),), warmup_steps=2, max_grad_norm=None,
+                     optimizer_in_backward=in_backward)
+    Trainer("base", modules, lambda g: (loss(modules), {}), s, seed=0).run()
+    references = {k: torch.optim.AdamW(twins[k].parameters(), lr=lr, weight_decay=s.weight_decay)
+                  for k, lr in (("unet", 1e-2), ("text_encoder", 3e-2))}
+    for step in range(3):
+        for k, opt in references.items():
+            opt.param_groups[0]["lr"] = (3e-2 if k == "text_encoder" else 1e-2) * min(1.0, (step + 1) / 2)
+            opt.zero_grad()
+        loss(twins).backward()
+        for opt in references.values():
+            opt.step()
+    for k in modules:
+        for a, b in zip(modules[k].parameters(), twins[k].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{k}: not AdamW at its own lr")
+
+
 def test_ema_is_the_moving_average():
     model = _mlp()
     ema = training.EMA({"m": model}, decay=0.9)

@@ -25,7 +25,8 @@ from .unet import UNet
 FROZEN_DTYPE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # settings a resume may change: how long to train, how often to save, what to draw afterwards, where
 FREE_ON_RESUME = {"resume", "overwrite", "dry_run", "memory_budget", "output_dir", "max_steps", "sr_steps",
-                  "checkpoint_every", "num_samples", "sample_steps", "device"}
+                  "checkpoint_every", "num_samples", "sample_steps", "sr_sample_steps", "device"}
+TOY_CLASS_PROMPT_SAMPLES = 16  # samples of "a star" the toy scores (class_DIV of 3 samples spans 0.19-0.33 by seed)
 OUTPUTS = ("model", "sr_model", "lora", "sr_lora", "checkpoint.pt", "metrics.json", "samples.png", "loss.png")
 
 
@@ -146,9 +147,10 @@ def settings_record(s, c_prompt, c_pr_prompt):
 # ----------------------------------------------------------------------------------------------------------------
 # the two fine-tuning stages
 
-def loop_settings(s, max_steps, lr):
-    return LoopSettings(max_steps=max_steps, lr=lr, warmup_steps=s.lr_warmup_steps, weight_decay=1e-2,
-                        max_grad_norm=s.max_grad_norm, grad_accum=s.grad_accum, mixed_precision=s.mixed_precision,
+def loop_settings(s, max_steps, lr, module_lr=()):
+    return LoopSettings(max_steps=max_steps, lr=lr, module_lr=module_lr, warmup_steps=s.lr_warmup_steps,
+                        lr_schedule=s.lr_schedule, weight_decay=1e-2, max_grad_norm=s.max_grad_norm,
+                        grad_accum=s.grad_accum, mixed_precision=s.mixed_precision,
                         gradient_checkpointing=s.gradient_checkpointing,
                         optimizer_in_backward=s.optimizer_in_backward, optimizer_states=s.optimizer_states,
                         checkpoint_every=s.checkpoint_every)
@@ -200,7 +202,8 @@ def fine_tune_base(s, pipe, cache, c_prompt, c_pr_prompt, x_inst, x_class, ckpt,
         return dreambooth.dreambooth_loss(pipe.unet, pipe.schedule, x, c, x_pr, c_pr, s.prior_loss_weight,
                                           generator)
 
-    trainer = Trainer("base", modules, loss_fn, loop_settings(s, s.max_steps, s.lr), s.seed, s.device,
+    text_lr = (("text_encoder", s.text_encoder_lr),) if s.train_text_encoder and s.text_encoder_lr else ()
+    trainer = Trainer("base", modules, loss_fn, loop_settings(s, s.max_steps, s.lr, text_lr), s.seed, s.device,
                       out / "checkpoint.pt", vars(s), history)
     if ckpt is not None:
         trainer.load(ckpt)
@@ -259,26 +262,32 @@ def sample_grids(s, pipe, cache, prompts, c_prompt, x_inst, x_class):
     """samples.png (the base model: where [V] is bound to the subject) and, with an SR model, samples_cascade.png;
     the toy model's scores. Returns the metrics."""
     out, n = Path(s.output_dir), s.num_samples
-    c, c_uncond = stack(cache, [p for p in prompts for _ in range(n)])
+    toy = s.family == "toy"
+    # the toy scores the class prompt on more samples than its grid row shows: its diversity is the prior's test
+    n_prior = max(n, TOY_CLASS_PROMPT_SAMPLES) if toy else n
+    c, c_uncond = stack(cache, [p for p in prompts[:-1] for _ in range(n)] + [prompts[-1]] * n_prior)
     sampler, sampler_from = pick_sampler(pipe.schedule, s.family)
     steps, grid = dreambooth.steps_and_grid(s.sample_steps)
     print(f"sample grid: {sampler} ({sampler_from}), {steps or grid} steps")
     images = generate(pipe, c, c_uncond, steps, s.guidance, sampler, timesteps=grid,
-                      generator=torch.Generator().manual_seed(s.seed))
-    plots.save_grid(images, len(prompts), out / "samples.png", titles=prompts)
+                      generator=torch.Generator().manual_seed(s.seed))     # [(P - 1) n + n_prior, 3, R, R]
+    shown = len(prompts) * n                                               # the grid: n per prompt
+    plots.save_grid(images[:shown], len(prompts), out / "samples.png", titles=prompts)
     metrics, psnr = {}, None
     if pipe.sr_unet is not None:
         level = sr_sampling_level(s, pipe)
-        x_sr = super_resolve(pipe, images, c, c_uncond, level, steps, timesteps=grid,
+        sr_steps, sr_grid = dreambooth.steps_and_grid(s.sr_sample_steps)
+        x_sr = super_resolve(pipe, images[:shown], c[:shown], c_uncond[:shown], level, sr_steps, timesteps=sr_grid,
                              generator=torch.Generator().manual_seed(s.seed))
         plots.save_grid(x_sr, len(prompts), out / "samples_cascade.png", titles=prompts)
-        psnr = super_resolution_psnr(pipe, cache, c_prompt, s.instance_dir, level, steps, grid)
-    if s.family == "toy":
+        psnr = super_resolution_psnr(pipe, cache, c_prompt, s.instance_dir, level, sr_steps, sr_grid)
+    if toy:
         from .toy import evaluator, scoring
         ev = evaluator.ToyEvaluator.from_pretrained()
-        per = [(p, images[i * n:(i + 1) * n].float().cpu()) for i, p in enumerate(prompts)]
+        per = [(p, images[i * n:(i + 1) * n].float().cpu()) for i, p in enumerate(prompts[:-1])]
+        prior = images[(len(prompts) - 1) * n:].float().cpu()             # [n_prior, 3, R, R]
         before = x_class.float().cpu() if x_class is not None else None
-        metrics["toy"] = scoring.score(ev, per[:-1], per[-1][1], x_inst.float().cpu(), before)
+        metrics["toy"] = scoring.score(ev, per, prior, x_inst.float().cpu(), before)
         if psnr is not None:
             metrics["toy"]["sr_psnr_db"] = round(psnr, 4)
     return metrics

@@ -34,26 +34,25 @@ TOY_SUBJECT_INFO = ASSETS / "toy_subject.json"                  # the subject's 
 
 # Per family: fine-tuning (paper: lr 1e-5 for Imagen, 5e-6 for SD, ~1000 steps, lambda = 1; the identifier from
 # the rare-token search) and sampling (IF's and SD's diffusers pipeline defaults). The toy model is ~100x smaller
-# and must finish in a few CPU minutes: a higher lr and fewer steps; its tiny T5 is fine-tuned too (frozen, it
-# encodes "a [V] star" almost as "a star", pooled cosine 0.93). Its identifier is "fw", a candidate of the paper's
-# search (ids 5000-10000, one token, no word) picked because the shipped T5 encodes "a fw star" least like "a star"
-# of the candidates compared: with the search's first candidate, every setting that put the subject in more samples
-# also put it into "a star". With it, lambda = 0.5 and 300 steps the default command draws the subject in 0.98 /
-# 0.62 / 1.00 of its subject samples (seeds 0-2) and never for "a star" (benchmarks/toy_search.json has the runs
-# compared; lessons/08_ablations.py says more).
+# and must finish in two CPU minutes: higher learning rates and fewer steps. Its tiny T5 is fine-tuned too (frozen,
+# it encodes "a [V] star" almost as "a star", pooled cosine 0.93), at its own, higher lr: the identifier then moves
+# early while the U-Net, at a lower lr, learns the subject without copying the photos' backgrounds (one lr of 5e-4
+# for both drew the subject in more samples but ignored the asked background more often and narrowed "a star";
+# benchmarks/toy_search.md has the runs compared). Its identifier is "fw", a candidate of the paper's search (ids
+# 5000-10000, one token, no word) picked because the shipped T5 encodes "a fw star" least like "a star".
 FAMILY_DEFAULTS = {
-    "toy": dict(lr=5e-4, sr_lr=1e-4, max_steps=300, sr_steps=60, batch_size=4, num_class_images=32,
-                class_steps=25, steps=25, guidance=5.0, sampler="ancestral", sr_sample_steps=25, sr_guidance=4.0,
-                checkpoint_every=100, num_samples=3, train_text_encoder=True, prior_loss_weight=0.5,
-                identifier="fw"),
-    "if": dict(lr=1e-5, sr_lr=1e-5, max_steps=1000, sr_steps=500, batch_size=1, num_class_images=200,
-               class_steps=100, steps=100, guidance=7.0, sampler="ancestral", sr_sample_steps=50, sr_guidance=4.0,
-               checkpoint_every=250, num_samples=4, train_text_encoder=False, prior_loss_weight=1.0,
-               identifier=None),
-    "sd": dict(lr=5e-6, sr_lr=None, max_steps=1000, sr_steps=0, batch_size=1, num_class_images=200,
-               class_steps=50, steps=50, guidance=7.5, sampler="pndm", sr_sample_steps=None, sr_guidance=None,
-               checkpoint_every=250, num_samples=4, train_text_encoder=False, prior_loss_weight=1.0,
-               identifier=None),
+    "toy": dict(lr=3e-4, text_encoder_lr=1e-3, sr_lr=1e-4, lr_schedule="constant", max_steps=300, sr_steps=30,
+                batch_size=4, num_class_images=32, class_steps=25, steps=25, guidance=5.0, sampler="ancestral",
+                sr_sample_steps=10, sr_guidance=4.0, checkpoint_every=100, num_samples=3, train_text_encoder=True,
+                prior_loss_weight=0.5, identifier="fw"),
+    "if": dict(lr=1e-5, text_encoder_lr=None, sr_lr=1e-5, lr_schedule="constant", max_steps=1000, sr_steps=500,
+               batch_size=1, num_class_images=200, class_steps=100, steps=100, guidance=7.0, sampler="ancestral",
+               sr_sample_steps=50, sr_guidance=4.0, checkpoint_every=250, num_samples=4, train_text_encoder=False,
+               prior_loss_weight=1.0, identifier=None),
+    "sd": dict(lr=5e-6, text_encoder_lr=None, sr_lr=None, lr_schedule="constant", max_steps=1000, sr_steps=0,
+               batch_size=1, num_class_images=200, class_steps=50, steps=50, guidance=7.5, sampler="pndm",
+               sr_sample_steps=None, sr_guidance=None, checkpoint_every=250, num_samples=4, train_text_encoder=False,
+               prior_loss_weight=1.0, identifier=None),
 }
 PIPELINE_CLASSES = {"IFPipeline": "if", "StableDiffusionPipeline": "sd", "IFSuperResolutionPipeline": "sr"}
 

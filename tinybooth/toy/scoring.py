@@ -40,11 +40,11 @@ def score(evaluator, subject, prior, real, before=None):
         out["DIV"] = diversity(evaluator, [list(x) for _, x in subject])
     if len(prior) > 1:
         out["class_DIV"] = diversity(evaluator, [list(prior)])
-    if before is not None:  # as many of the class images as the class prompt has samples (DIV depends on n)
+    if before is not None:  # DIV is a mean over pairs: its expectation does not depend on n, so all class images
         out["PRES_before"] = te.subject_fidelity(evaluator, before, real)
         out["PRES_subject_probability_before"] = te.subject_probability(evaluator, before).mean()
         if len(before) > 1:
-            out["class_DIV_before"] = diversity(evaluator, [list(before[:max(len(prior), 2)])])
+            out["class_DIV_before"] = diversity(evaluator, [list(before)])
     return {k: round(float(v), 4) for k, v in out.items()}
 
 

@@ -67,7 +67,7 @@ def same_settings(s, metrics_file):
         return False
     done = json.loads(metrics_file.read_text())["settings"]
     return all(done.get(k) == (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()
-               if k not in ("overwrite", "identifier"))
+               if k not in ("overwrite", "identifier", "output_dir"))
 
 
 def run_textual_inversion(out, seed, extra=()):

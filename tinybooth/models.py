@@ -38,7 +38,7 @@ TOY_SUBJECT_INFO = ASSETS / "toy_subject.json"                  # the subject's 
 # it encodes "a [V] star" almost as "a star", pooled cosine 0.93), at its own, higher lr: the identifier then moves
 # early while the U-Net, at a lower lr, learns the subject without copying the photos' backgrounds (one lr of 5e-4
 # for both drew the subject in more samples but ignored the asked background more often and narrowed "a star";
-# benchmarks/toy_search.md has the runs compared). Its identifier is "fw", a candidate of the paper's search (ids
+# benchmarks/toy_recipes.md has the runs compared). Its identifier is "fw", a candidate of the paper's search (ids
 # 5000-10000, one token, no word) picked because the shipped T5 encodes "a fw star" least like "a star".
 FAMILY_DEFAULTS = {
     "toy": dict(lr=3e-4, text_encoder_lr=1e-3, sr_lr=1e-4, lr_schedule="constant", max_steps=300, sr_steps=30,

@@ -108,7 +108,8 @@ def optimizer_bytes(params, s):
     (each tensor padded to whole blocks). temporaries: torch's AdamW on CUDA defaults to its foreach
     implementation, whose sqrt(v) / bias-correction list is a full fp32 copy of the weights; one tensor at a time
     (torch on a CPU, --optimizer-in-backward) needs ~2 fp32 copies of the largest tensor, tinybooth.optim ~10 (it
-    decodes m and v to fp32 and rounds on the way back). tests/test_memory.py measures all three."""
+    decodes m and v to fp32 and rounds on the way back). tests/test_memory.py measures all three. On a CPU train
+    steps with torch's fused kernel (no full-size scratch), so the per-tensor figure is an upper bound there."""
     sizes = [p.numel() for p in params]
     if s["optimizer_states"] == "fp32":
         states = 8 * sum(sizes)

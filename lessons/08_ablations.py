@@ -15,8 +15,10 @@ seed draws its own class images, noise and samples); the table gives the mean an
 
 Every row is scored the way `train` scores its grid (tinybooth.experiment.sample_grids): 3 samples per subject
 prompt (15 per run), 16 of the class prompt, compared with all of the run's class images. Lesson 08 shows the
-table this writes; a full set (6 rows x 3 seeds) takes ~35 minutes on 2 CPU cores, too long for CI.
-benchmarks/toy_search.json keeps the runs the toy defaults were chosen from.
+table this writes; a full set (6 rows x 3 seeds) takes about 30 minutes on 2 CPU cores, too long for CI.
+`--reuse` reads finished runs of the same settings instead of training them again (the README's DreamBooth row is
+its three default-command runs, `python -m tinybooth.train --seed k --output-dir runs/ablations/DreamBooth_s<k>`).
+benchmarks/toy_recipes.md and benchmarks/toy_search.json keep the runs the toy defaults were chosen from.
 """
 import argparse
 import json

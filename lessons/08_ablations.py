@@ -127,6 +127,9 @@ def main(argv=None):
     p.add_argument("--reuse", action="store_true", help="read finished runs of the same settings in --runs-dir")
     args = p.parse_args(argv)
     seeds, names, extra = [int(x) for x in args.seeds.split(",")], args.rows.split(","), args.train_flags.split()
+    unknown = [n for n in names if n not in VARIANTS and n != TI_ROW]
+    if unknown:
+        p.error(f"--rows: no row named {unknown}; the rows are {[*VARIANTS, TI_ROW]}")
     t0, rows = time.time(), []
     for name in names:
         runs = []

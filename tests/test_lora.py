@@ -1,5 +1,6 @@
 """DreamBooth-LoRA adapters (tinybooth.lora): h = W x + (alpha / r) B A x on the attention projections."""
 import json
+import sys
 
 import pytest
 import torch
@@ -7,6 +8,11 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from tinybooth import lora
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tests" / "reference"))
+from lora_file_record import file_record  # noqa: E402  (the script that wrote the fixtures records with it too)
 
 
 class Attention(nn.Module):
@@ -207,18 +213,6 @@ def _outputs(models, case, want):
     return out
 
 
-def _file_record(d):
-    """Keys and metadata of every safetensors file of a LoRA folder, and its JSON files (as the script records)."""
-    rec = {}
-    for f in sorted(d.rglob("*")):
-        if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as s:
-                rec[str(f.relative_to(d))] = {"keys": sorted(s.keys()), "metadata": s.metadata()}
-        elif f.suffix == ".json":
-            rec[str(f.relative_to(d))] = json.loads(f.read_text())
-    return rec
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_lora_outputs_match_diffusers_and_peft_loading_our_files(lora_fx, case):
     root, want, meta = lora_fx
@@ -243,7 +237,7 @@ def test_save_lora_writes_the_files_diffusers_loaded(lora_fx, case, tmp_path):
     root, want, meta = lora_fx
     models = lora.load_lora(root / "lora" / case, _base_models(root, case))
     lora.save_lora(tmp_path, models)
-    written, loaded = _file_record(tmp_path), meta[case]["files"]
+    written, loaded = file_record(tmp_path), meta[case]["files"]
     assert written.keys() == loaded.keys(), f"save_lora wrote {sorted(written)}, diffusers/peft loaded {sorted(loaded)}"
     for name in loaded:
         assert written[name] == loaded[name], f"{name}: keys, metadata or adapter_config.json differ from the file " \

@@ -50,6 +50,9 @@ from tinybooth.text import T5Encoder  # noqa: E402
 from tinybooth.clip import CLIPTextEncoder
 from tinybooth.unet import UNet  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lora_file_record import file_record  # noqa: E402  (the tests import the same function)
+
 CASCADE, TEXT = ROOT / "tests" / "fixtures" / "cascade", ROOT / "tests" / "fixtures" / "text"
 OUT = ROOT / "tests" / "fixtures" / "lora"
 SEED = 0
@@ -102,18 +105,6 @@ def unet_inputs(name, config):
 
 def diffusers_unet(unet, x):
     return unet(x["sample"], x["t"], encoder_hidden_states=x["c"], class_labels=x.get("noise_level")).sample
-
-
-def file_record(d):
-    """Keys and metadata of every file in a LoRA folder, as the loaders saw them."""
-    rec = {}
-    for f in sorted(d.rglob("*")):
-        if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as s:
-                rec[str(f.relative_to(d))] = {"keys": sorted(s.keys()), "metadata": s.metadata()}
-        elif f.suffix == ".json":
-            rec[str(f.relative_to(d))] = json.loads(f.read_text())
-    return rec
 
 
 def diffusers_own_file(pipe, parts, name):

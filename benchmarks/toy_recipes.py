@@ -33,23 +33,20 @@ RESULTS = HERE / "toy_recipes.jsonl"
 
 
 @torch.no_grad()
-def score(pipe, evaluator, identifier, n, guidance, steps=25, seed=1):
-    """The toy scores of a fine-tuned base model, on n samples per subject prompt and 2n of "a star"."""
+def score(pipe, evaluator, identifier, real, n, guidance, steps=25, seed=1):
+    """The toy scores (tinybooth.toy.scoring) of a fine-tuned base model on n samples per subject prompt and 2n of
+    "a star"; real: the subject's photos."""
     prompts = dreambooth.grid_prompts(identifier, "star", dreambooth.TOY_TEMPLATES)
     cache = encode_prompts(pipe, list(dict.fromkeys(["", *prompts])), "cpu")
     c, c_uncond = stack(cache, [p for p in prompts[:-1] for _ in range(n)] + [prompts[-1]] * (2 * n))
     x = generate(pipe, c, c_uncond, steps, guidance, "ancestral", generator=torch.Generator().manual_seed(seed),
                  progress=False)
-    per_p, per_pf = [], []
-    for i, p in enumerate(prompts[:-1]):
-        x_i = x[i * n:(i + 1) * n]
-        per_pf.append(te.prompt_fidelity(evaluator, x_i, p).mean().item())
-        per_p.append(te.subject_probability(evaluator, x_i).mean().item())
-    prior = x[(len(prompts) - 1) * n:]
-    return dict(P=round(sum(per_p) / len(per_p), 3), PF=round(sum(per_pf) / len(per_pf), 3),
-                per_P=[round(v, 2) for v in per_p], per_PF=[round(v, 2) for v in per_pf],
-                drift=round(te.subject_probability(evaluator, prior).mean().item(), 3),
-                class_DIV=round(float(scoring.diversity(evaluator, [list(prior)])), 3))
+    subject = [(p, x[i * n:(i + 1) * n]) for i, p in enumerate(prompts[:-1])]
+    m = scoring.score(evaluator, subject, x[(len(prompts) - 1) * n:], real)
+    return dict(P=round(m["subject_probability"], 3), PF=round(m["prompt_fidelity"], 3),
+                per_P=[round(te.subject_probability(evaluator, x_p).mean().item(), 2) for _, x_p in subject],
+                per_PF=[round(r["prompt_fidelity"], 2) for r in scoring.per_prompt(evaluator, subject, real)],
+                drift=round(m["PRES_subject_probability"], 3), class_DIV=round(m["class_DIV"], 3))
 
 
 def main(argv=None):
@@ -80,10 +77,11 @@ def main(argv=None):
         pipe = models.load_pipeline(out / "model", None, torch.device("cpu"), torch.float32, text_encoder=True)
         identifier = json.loads((out / "settings.json").read_text())["identifier"]
         x_class = data.load_images(sorted(class_dir.glob("*.png"))[:2 * args.samples], pipe.resolution)
+        real = data.load_instance_images(models.TOY_SUBJECT, pipe.resolution)
         before = round(float(scoring.diversity(evaluator, [list(x_class)])), 3)
         for g in [float(v) for v in args.guidance.split(",")]:
             row = dict(name=args.name, flags=flags, seed=seed, guidance=g, train_s=train_s,
-                       **score(pipe, evaluator, identifier, args.samples, g), class_DIV_before=before)
+                       **score(pipe, evaluator, identifier, real, args.samples, g), class_DIV_before=before)
             print(json.dumps(row), flush=True)
             with open(RESULTS, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -76,8 +76,7 @@ def run_textual_inversion(out, seed, extra=()):
     """The baseline: the frozen toy model, one learned embedding row; scored like a train run's grid."""
     t0 = time.time()
     s = train.parse(["--output-dir", str(out), "--overwrite", "--seed", str(seed), *extra, "--sr-model", "none"])
-    experiment.check_output_dir(s)
-    out.mkdir(parents=True, exist_ok=True)
+    experiment.check_output_dir(s)                                          # and creates it
     pipe = models.load_pipeline(s.model, None, torch.device("cpu"), torch.float32, text_encoder=True)
     c_prompt, c_pr_prompt = dreambooth.subject_prompt(s.identifier, s.class_noun), dreambooth.class_prompt(s.class_noun)
     x_inst = data.load_instance_images(s.instance_dir, pipe.resolution)     # [N, 3, 32, 32]
@@ -86,9 +85,7 @@ def run_textual_inversion(out, seed, extra=()):
                        ti.identifier_token(pipe.tokenizer, s.identifier), TI_STEPS, TI_LR, s.batch_size, seed)
     prompts = dreambooth.grid_prompts(s.identifier, s.class_noun, dreambooth.TOY_TEMPLATES)
     cache = encode_prompts(pipe, list(dict.fromkeys([c_prompt, c_pr_prompt, "", *prompts])))
-    paths = dreambooth.generate_class_images(pipe, cache, c_pr_prompt, out / "class_images", s.num_class_images,
-                                             s.class_batch_size, s.seed, s.class_steps, s.class_sampler, s.guidance)
-    x_class = data.load_images(paths, pipe.resolution)                       # the same class images as train's
+    x_class = experiment.class_images(s, pipe, cache, c_pr_prompt)           # the same class images as train's
     metrics = experiment.sample_grids(s, pipe, cache, prompts, c_prompt, x_inst, x_class)
     return {"seed": seed, "instance_prompt": c_prompt, "class_prompt": c_pr_prompt, **metrics["toy"],
             "seconds": round(time.time() - t0, 1)}

@@ -61,13 +61,7 @@ def _run(s):
     print_settings(s, c_prompt, c_pr_prompt, pipe, len(x_inst))
     files.atomic_write_json(out / "settings.json", settings_record(s, c_prompt, c_pr_prompt))
     t0 = time.time()
-    x_class = None
-    if s.prior_preservation:
-        folder = Path(s.class_dir) if s.class_dir else out / "class_images" / slug(c_pr_prompt)
-        paths = dreambooth.generate_class_images(pipe, cache, c_pr_prompt, folder, s.num_class_images,
-                                                 s.class_batch_size, s.seed, s.class_steps, s.class_sampler,
-                                                 s.guidance)
-        x_class = data.load_images(paths, pipe.resolution).to(device)  # [M, 3, R, R]
+    x_class = class_images(s, pipe, cache, c_pr_prompt).to(device) if s.prior_preservation else None  # [M, 3, R, R]
     timings = {"class_images_s": round(time.time() - t0, 1)}
 
     # 3. the base model on eq. (2), 4. the super-resolution model on subject pairs
@@ -133,6 +127,15 @@ def resume_checkpoint(s):
                               f"{changed}; resume with the original settings")
     print(f"resuming the {ckpt['stage']} stage at step {ckpt['step']} from '{path}'")
     return ckpt
+
+
+def class_images(s, pipe, cache, c_pr_prompt):
+    """Step 2: the class images x_pr [M, 3, R, R] the settings s ask for, drawn by the frozen model into --class-dir
+    (default <output-dir>/class_images/<class prompt>), or read from there when already drawn."""
+    folder = Path(s.class_dir) if s.class_dir else Path(s.output_dir) / "class_images" / slug(c_pr_prompt)
+    paths = dreambooth.generate_class_images(pipe, cache, c_pr_prompt, folder, s.num_class_images,
+                                             s.class_batch_size, s.seed, s.class_steps, s.class_sampler, s.guidance)
+    return data.load_images(paths, pipe.resolution)
 
 
 def slug(text):

@@ -16,7 +16,9 @@ benchmarks/toy_recipes.jsonl:
 class_images/a_star), so only the fine-tuning and the scoring are timed. benchmarks/toy_recipes.md has the table.
 """
 import argparse
+import datetime
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -33,13 +35,13 @@ RESULTS = HERE / "toy_recipes.jsonl"
 
 
 @torch.no_grad()
-def score(pipe, evaluator, identifier, real, n, guidance, steps=25, seed=1):
+def score(pipe, evaluator, identifier, real, n, guidance, steps=25, seed=1, sampler="ancestral"):
     """The toy scores (tinybooth.toy.scoring) of a fine-tuned base model on n samples per subject prompt and 2n of
     "a star"; real: the subject's photos."""
     prompts = dreambooth.grid_prompts(identifier, "star", dreambooth.TOY_TEMPLATES)
     cache = encode_prompts(pipe, list(dict.fromkeys(["", *prompts])), "cpu")
     c, c_uncond = stack(cache, [p for p in prompts[:-1] for _ in range(n)] + [prompts[-1]] * (2 * n))
-    x = generate(pipe, c, c_uncond, steps, guidance, "ancestral", generator=torch.Generator().manual_seed(seed),
+    x = generate(pipe, c, c_uncond, steps, guidance, sampler, generator=torch.Generator().manual_seed(seed),
                  progress=False)
     subject = [(p, x[i * n:(i + 1) * n]) for i, p in enumerate(prompts[:-1])]
     m = scoring.score(evaluator, subject, x[(len(prompts) - 1) * n:], real)
@@ -57,6 +59,8 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--guidance", default="5")
     p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--sampler", default="ancestral", help="the sampler the scores are drawn with (the grid's: ancestral)")
+    p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--runs-dir", default="/tmp/toy_recipes")
     p.add_argument("--class-dir-root", help="class images per seed in <root>/s<seed> (drawn there if missing)")
     p.add_argument("--existing", help="score these runs instead of training, e.g. runs/seed{seed}")
@@ -81,7 +85,12 @@ def main(argv=None):
         before = round(float(scoring.diversity(evaluator, [list(x_class)])), 3)
         for g in [float(v) for v in args.guidance.split(",")]:
             row = dict(name=args.name, flags=flags, seed=seed, guidance=g, train_s=train_s,
-                       **score(pipe, evaluator, identifier, real, args.samples, g), class_DIV_before=before)
+                       **({} if args.sampler == "ancestral" and args.sample_steps == 25 else
+                          dict(sampler=args.sampler, sample_steps=args.sample_steps)),
+                       **score(pipe, evaluator, identifier, real, args.samples, g, args.sample_steps,
+                               sampler=args.sampler), class_DIV_before=before,
+                       machine=f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} CPU threads, "
+                               f"torch {torch.__version__}", date=datetime.date.today().isoformat())
             print(json.dumps(row), flush=True)
             with open(RESULTS, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -104,3 +104,27 @@ def test_subject_class_noun_is_documented():
     assert info["class_noun"] == world.SUBJECT_CLASS == "star"
     assert (ROOT / info["photos"]).is_dir()
     assert "**star**" in (SUBJECT_DIR / "README.md").read_text()
+
+
+def test_two_colour_shapes_are_split_into_two_world_colours_and_captioned_so():
+    rng = np.random.default_rng(3)
+    specs = world.random_specs(rng, 400, two_colour_fraction=0.5)
+    split = [s for s in specs if s.colour2 is not None]
+    assert 150 < len(split) < 250, f"{len(split)} of 400 specs are two-colour with two_colour_fraction=0.5"
+    for s in split:
+        assert s.colour2 != s.colour and s.bg_colour not in (s.colour, s.colour2), s
+        assert f"{s.colour} and {s.colour2} {s.shape}" in world.caption(s), world.caption(s)
+    spec = world.Spec("square", "red", "big", "plain", "white", radius=0.38, colour2="blue")
+    img = world.render(spec)
+    row = img[32]  # the middle row: left of the split red, right of it blue
+    assert tuple(row[20]) == world.COLOURS["red"] and tuple(row[44]) == world.COLOURS["blue"], (row[20], row[44])
+    assert not any(s.colour2 for s in world.random_specs(np.random.default_rng(3), 400)), \
+        "without two_colour_fraction the world draws one-colour shapes"
+
+
+def test_two_colour_share_zero_draws_the_same_world_as_before():
+    # the shipped model's first runs were rendered with no two-colour share: their seeds must still give the same
+    # pictures (these captions were drawn before two-colour shapes existed)
+    _, captions, _ = world.batch(4, seed=11, two_colour_fraction=0.0)
+    assert captions == ["a big green cross on a purple background", "a big circle on a checkered background",
+                        "a small purple square", "a small black cross on a checkered blue background"], captions

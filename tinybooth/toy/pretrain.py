@@ -120,14 +120,15 @@ NOISING_SCHEDULER_CONFIG = dict(SCHEDULER_CONFIG, variance_type="fixed_small", t
 
 def _render_chunk(args):
     """One worker's share (numpy and Pillow only: torch's thread pools do not survive a fork)."""
-    seed, n, subject_fraction = args
-    specs = world.random_specs(np.random.default_rng(seed), n, subject_fraction)
+    seed, n, subject_fraction, two_colour_fraction = args
+    specs = world.random_specs(np.random.default_rng(seed), n, subject_fraction, two_colour_fraction)
     return np.stack([world.render(s) for s in specs]), specs
 
 
-def render_dataset(n, seed, workers, subject_fraction=0.0, chunk=1000):
+def render_dataset(n, seed, workers, subject_fraction=0.0, chunk=1000, two_colour_fraction=0.0):
     """n rendered 64 x 64 pictures (uint8 [n, 64, 64, 3]) and their specs, in chunks seeded seed*10^6 + k."""
-    jobs = [(seed * 1_000_000 + k, min(chunk, n - k * chunk), subject_fraction) for k in range(math.ceil(n / chunk))]
+    jobs = [(seed * 1_000_000 + k, min(chunk, n - k * chunk), subject_fraction, two_colour_fraction)
+            for k in range(math.ceil(n / chunk))]
     with Pool(workers) as pool:
         parts = pool.map(_render_chunk, jobs)
     return np.concatenate([p[0] for p in parts]), [s for p in parts for s in p[1]]

@@ -13,10 +13,15 @@ prior from this small world instead, which anyone can regenerate:
     colours      red, orange, yellow, green, blue, purple, white, black
     sizes        small, big
     backgrounds  plain / striped / dotted / checkered, in any of the colours (never the shape's own)
+    two colours  optionally (two_colour_fraction), shapes split down the middle into two of the colours: "a red
+                 and blue heart"; the shipped weights were pretrained without them
 
 The *subject* is one specific star that the world never draws: split down the middle into teal and pink, two
-colours no world object has. `subject_photos` renders the 4-5 "photos" of it that DreamBooth fine-tunes on (shipped
-as examples/toy_subject/*.png), and `render(Spec(..., subject=True))` puts it anywhere else.
+colours no world object has. The world can also draw other split shapes, in two of its own colours, so that a
+model pretrained on them could render a split star before it has seen this one (the subject's colours stay
+unseen); a CPU trial of that is in benchmarks/toy_recipes.md. `subject_photos` renders the 4-5 "photos" of the
+subject that DreamBooth fine-tunes on (shipped as examples/toy_subject/*.png), and `render(Spec(..., subject=True))`
+puts it anywhere else.
 
 Pictures are drawn at 4x resolution with Pillow and box-filtered down (anti-aliasing), at 64 x 64: the size of the
 super-resolution stage's output. The base model sees them shrunk to 32 x 32 (tinybooth.data.resize_images).
@@ -47,7 +52,8 @@ CAPTION_DROP = dict(size=0.3, colour=0.2, texture=0.25, bg_colour=0.25)  # P(att
 @dataclass(frozen=True)
 class Spec:
     """Everything that decides a picture. Position (cx, cy) and radius are fractions of the image side; angle in
-    degrees; subject=True draws the teal/pink subject star instead of a one-colour shape (colour is then None)."""
+    degrees; subject=True draws the teal/pink subject star instead of a one-colour shape (colour is then None);
+    colour2 makes a two-colour shape, left half colour, right half colour2, split as the subject is."""
     shape: str
     colour: str
     size: str
@@ -58,24 +64,30 @@ class Spec:
     radius: float = 0.3
     angle: float = 0.0
     subject: bool = False
+    colour2: str = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # random pictures and their captions
 
-def random_spec(rng, **fixed):
+def random_spec(rng, two_colour=False, **fixed):
     """A random picture spec; keyword arguments fix attributes (e.g. shape="star", bg_colour="green").
 
-    Unfixed attributes are drawn uniformly; the background colour always differs from the shape's colour."""
+    Unfixed attributes are drawn uniformly; the background colour always differs from the shape's colour(s).
+    two_colour=True draws a second, different colour for the shape's right half."""
     shape = fixed.pop("shape", None) or SHAPES[rng.integers(len(SHAPES))]
     subject = fixed.pop("subject", False)
     colour = None if subject else (fixed.pop("colour", None) or list(COLOURS)[rng.integers(len(COLOURS))])
     fixed.pop("colour", None)
+    colour2 = None
+    if two_colour and not subject:
+        others = [c for c in COLOURS if c != colour]
+        colour2 = others[rng.integers(len(others))]
     size = fixed.pop("size", None) or SIZES[rng.integers(len(SIZES))]
     texture = fixed.pop("texture", None) or TEXTURES[rng.integers(len(TEXTURES))]
     bg_colour = fixed.pop("bg_colour", None)
     if bg_colour is None:
-        choices = [c for c in COLOURS if c != colour]
+        choices = [c for c in COLOURS if c not in (colour, colour2)]
         bg_colour = choices[rng.integers(len(choices))]
     if fixed:
         raise ValueError(f"unknown picture attribute(s) {sorted(fixed)}; use shape, colour, size, texture, "
@@ -84,7 +96,7 @@ def random_spec(rng, **fixed):
     margin = radius + 0.03  # keep the whole shape inside the picture
     cx, cy = (float(v) for v in rng.uniform(margin, 1 - margin, size=2))
     angle = float(rng.uniform(-12, 12))
-    return Spec(shape, colour, size, texture, bg_colour, cx, cy, radius, angle, subject)
+    return Spec(shape, colour, size, texture, bg_colour, cx, cy, radius, angle, subject, colour2)
 
 
 def caption(spec, rng=None, identifier=None):
@@ -98,7 +110,7 @@ def caption(spec, rng=None, identifier=None):
     if keep("size"):
         words.append(spec.size)
     if spec.colour is not None and keep("colour"):
-        words.append(spec.colour)
+        words += [spec.colour, "and", spec.colour2] if spec.colour2 else [spec.colour]
     if identifier:
         words.append(identifier)
     words.append(spec.shape)
@@ -214,15 +226,17 @@ def background(texture, colour, side):
 def render(spec, resolution=RESOLUTION, halves=SUBJECT_COLOURS):
     """Draw a spec: uint8 array [resolution, resolution, 3] (drawn at 4x, box-filtered down).
 
-    halves: the (left, right) RGB colours of a two-colour shape (spec.subject); other pairs draw look-alikes of the
-    subject, which the evaluator learns to tell apart from it."""
+    halves: the (left, right) RGB colours of the subject (spec.subject); other pairs draw look-alikes of the
+    subject, which the evaluator learns to tell apart from it. A spec with colour2 is split into its own colours."""
     if spec.shape not in SHAPES or spec.texture not in TEXTURES or spec.bg_colour not in COLOURS:
         raise ValueError(f"cannot draw {spec}: shape must be one of {SHAPES}, texture one of {TEXTURES}, "
                          f"bg_colour one of {tuple(COLOURS)}")
     side = resolution * SUPERSAMPLE
     img = background(spec.texture, spec.bg_colour, side)
     mask = shape_mask(spec, side)
-    if spec.subject:  # left half teal, right half pink, split along the star's own vertical axis
+    if spec.colour2 is not None:
+        halves = (COLOURS[spec.colour], COLOURS[spec.colour2])
+    if spec.subject or spec.colour2 is not None:  # left half teal, right half pink, split along the shape's axis
         left = Image.new("L", (side, side), 0)
         c, s = math.cos(math.radians(spec.angle)), math.sin(math.radians(spec.angle))
         cx, cy, big = spec.cx * side, spec.cy * side, 2 * side
@@ -248,22 +262,24 @@ def to_uint8(x):
     return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def batch(n, seed, resolution=RESOLUTION, subject_fraction=0.0):
+def batch(n, seed, resolution=RESOLUTION, subject_fraction=0.0, two_colour_fraction=0.0):
     """n random captioned pictures: (images [n, 3, R, R] in [-1, 1], captions [n], specs [n]).
 
     The same seed gives the same batch. subject_fraction > 0 replaces that share of pictures with the subject
     (captioned with its class noun only as "a ... star", no colour): used to train the evaluator, never the prior.
     """
     rng = np.random.default_rng(seed)
-    specs = random_specs(rng, n, subject_fraction)
+    specs = random_specs(rng, n, subject_fraction, two_colour_fraction)
     captions = [caption(s, rng) for s in specs]
     return to_tensor([render(s, resolution) for s in specs]), captions, specs
 
 
-def random_specs(rng, n, subject_fraction=0.0):
-    """n random specs from rng; a share subject_fraction of them (on average) is the subject star."""
+def random_specs(rng, n, subject_fraction=0.0, two_colour_fraction=0.0):
+    """n random specs from rng; a share subject_fraction of them (on average) is the subject star, a share
+    two_colour_fraction of the others a two-colour shape (no draw is spent on it when the share is 0)."""
     return [random_spec(rng, shape=SUBJECT_CLASS, subject=True) if rng.random() < subject_fraction
-            else random_spec(rng) for _ in range(n)]
+            else random_spec(rng, two_colour=two_colour_fraction > 0 and rng.random() < two_colour_fraction)
+            for _ in range(n)]
 
 
 def subject_photos(n=5, seed=0, resolution=RESOLUTION):

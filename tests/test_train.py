@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tinybooth import data, dreambooth, train
+from tinybooth import data, dreambooth, experiment, train
 from tinybooth.checkpoint import CheckpointError
 from tinybooth.schedule import DiscreteSchedule
 from tinybooth.training import TrainingError
@@ -157,6 +157,21 @@ def test_if_run_writes_a_loadable_personalised_cascade(tiny_if, photos, tmp_path
     assert len(steps) == 4 and all("subject" in h and "prior" in h for h in steps), \
         "the subject and the prior loss are logged separately at every step"
     assert json.loads((out / "settings.json").read_text())["prior_loss_weight"] == 1.0
+
+
+def test_sr_guidance_reaches_the_cascade_grid_and_the_psnr(tiny_if, photos, tmp_path, monkeypatch):
+    guidances, real = [], experiment.super_resolve
+
+    def spy(pipe, x_low, c, c_uncond, level, steps, guidance=4.0, *args, **kwargs):
+        guidances.append(guidance)
+        return real(pipe, x_low, c, c_uncond, level, steps, guidance, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "super_resolve", spy)
+    train.run(_if_args(tiny_if, photos, tmp_path / "run", "--sr-guidance", "1"))
+    assert guidances == [1.0, 1.0], f"samples_cascade.png and the SR PSNR were drawn at guidance {guidances}"
+    base, sr = tiny_if
+    assert train.parse([]).sr_guidance == 1.0, "the toy's SR samples are unguided (models.FAMILY_DEFAULTS says why)"
+    assert train.parse(["--model", str(base), "--instance-dir", str(photos), "--class-noun", "dog"]).sr_guidance == 4.0
 
 
 def test_loss_decreases(tiny_if, photos, tmp_path):

@@ -25,7 +25,8 @@ from .unet import UNet
 FROZEN_DTYPE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # settings a resume may change: how long to train, how often to save, what to draw afterwards, where
 FREE_ON_RESUME = {"resume", "overwrite", "dry_run", "memory_budget", "output_dir", "max_steps", "sr_steps",
-                  "checkpoint_every", "num_samples", "sample_steps", "sr_sample_steps", "device"}
+                  "checkpoint_every", "num_samples", "sample_steps", "sr_sample_steps", "sr_guidance",
+                  "device"}
 TOY_CLASS_PROMPT_SAMPLES = 16  # samples of "a star" the toy scores (class_DIV of 3 samples spans 0.19-0.33 by seed)
 OUTPUTS = ("model", "sr_model", "lora", "sr_lora", "checkpoint.pt", "metrics.json", "samples.png", "loss.png")
 
@@ -280,10 +281,10 @@ def sample_grids(s, pipe, cache, prompts, c_prompt, x_inst, x_class):
     if pipe.sr_unet is not None:
         level = sr_sampling_level(s, pipe)
         sr_steps, sr_grid = dreambooth.steps_and_grid(s.sr_sample_steps)
-        x_sr = super_resolve(pipe, images[:shown], c[:shown], c_uncond[:shown], level, sr_steps, timesteps=sr_grid,
-                             generator=torch.Generator().manual_seed(s.seed))
+        x_sr = super_resolve(pipe, images[:shown], c[:shown], c_uncond[:shown], level, sr_steps, s.sr_guidance,
+                             timesteps=sr_grid, generator=torch.Generator().manual_seed(s.seed))
         plots.save_grid(x_sr, len(prompts), out / "samples_cascade.png", titles=prompts)
-        psnr = super_resolution_psnr(pipe, cache, c_prompt, s.instance_dir, level, sr_steps, sr_grid)
+        psnr = super_resolution_psnr(pipe, cache, c_prompt, s.instance_dir, level, sr_steps, sr_grid, s.sr_guidance)
     if toy:
         from .toy import evaluator, scoring
         ev = evaluator.ToyEvaluator.from_pretrained()
@@ -297,13 +298,13 @@ def sample_grids(s, pipe, cache, prompts, c_prompt, x_inst, x_class):
 
 
 @torch.no_grad()
-def super_resolution_psnr(pipe, cache, c_prompt, instance_dir, level, steps, grid=None):
+def super_resolution_psnr(pipe, cache, c_prompt, instance_dir, level, steps, grid=None, guidance=4.0):
     """How much of the subject's detail the SR stage keeps: PSNR (dB) of SR(the real photo shrunk to the base
     resolution) against the real photo, with the instance prompt, sampled at the fine-tuning augmentation level."""
     x_high = data.load_instance_images(instance_dir, pipe.sr_resolution)  # [N, 3, H, W]
     x_low = data.resize_images(x_high, pipe.resolution)
     c, c_uncond = stack(cache, [c_prompt] * len(x_high))
-    x_sr = super_resolve(pipe, x_low, c, c_uncond, level, steps, timesteps=grid,
+    x_sr = super_resolve(pipe, x_low, c, c_uncond, level, steps, guidance, timesteps=grid,
                          generator=torch.Generator().manual_seed(0))
     mse = ((x_sr.cpu() - x_high) / 2).square().mean()  # in [0, 1] pixel units
     return float(10 * torch.log10(1 / mse))

@@ -142,6 +142,9 @@ SETTINGS = (
                             help="sampling steps for the sample grid, or a list of steps / an IF grid name")),
     ("--sr-sample-steps", dict(type=_steps_or_grid, default=FAMILY,
                                help="stage-II sampling steps for samples_cascade.png, or a list / an IF grid name")),
+    ("--sr-guidance", dict(type=NON_NEGATIVE, default=FAMILY,
+                           help="classifier-free guidance scale of the stage-II samples (1: no guidance, one U-Net "
+                                "pass a step)")),
     ("--guidance", dict(type=NON_NEGATIVE, default=FAMILY,
                         help="classifier-free guidance scale (class images and samples)")),
     ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu")),

@@ -40,8 +40,8 @@ TOY_SUBJECT_INFO = ASSETS / "toy_subject.json"                  # the subject's 
 # for both drew the subject in more samples but ignored the asked background more often and narrowed "a star";
 # benchmarks/toy_recipes.md has the runs compared). Its identifier is "fw", a candidate of the paper's search (ids
 # 5000-10000, one token, no word) picked because the shipped T5 encodes "a fw star" least like "a star". Its SR
-# stage samples without guidance: on the subject's photos guidance 1 kept more detail than IF's 4 (PSNR 24.2 vs
-# 23.2 dB) at one U-Net pass a step instead of two (benchmarks/toy_recipes.md).
+# stage samples without guidance: on three runs it kept more of the subject's photos than IF's guidance 4 (PSNR
+# 23.5-24.0 against 22.2-23.0 dB) with one U-Net pass a step instead of two (benchmarks/toy_recipes.md).
 FAMILY_DEFAULTS = {
     "toy": dict(lr=3e-4, text_encoder_lr=1e-3, sr_lr=1e-4, lr_schedule="constant", max_steps=300, sr_steps=30,
                 batch_size=4, num_class_images=32, class_steps=25, steps=25, guidance=5.0, sampler="ancestral",

@@ -236,7 +236,7 @@ def render(spec, resolution=RESOLUTION, halves=SUBJECT_COLOURS):
     mask = shape_mask(spec, side)
     if spec.colour2 is not None:
         halves = (COLOURS[spec.colour], COLOURS[spec.colour2])
-    if spec.subject or spec.colour2 is not None:  # left half teal, right half pink, split along the shape's axis
+    if spec.subject or spec.colour2 is not None:  # left half halves[0], right half halves[1], split on the shape's axis
         left = Image.new("L", (side, side), 0)
         c, s = math.cos(math.radians(spec.angle)), math.sin(math.radians(spec.angle))
         cx, cy, big = spec.cx * side, spec.cy * side, 2 * side

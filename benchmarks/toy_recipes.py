@@ -13,7 +13,8 @@ benchmarks/toy_recipes.jsonl:
     class_DIV / class_DIV_before   diversity of 16 "a star" samples / of 16 of the class images
 
 --class-dir-root reuses class images drawn once per seed (<root>/s<seed>, e.g. copied from a default run's
-class_images/a_star), so only the fine-tuning and the scoring are timed. benchmarks/toy_recipes.md has the table.
+class_images/a_star), so only the fine-tuning and the scoring are timed. --sampler and --sample-steps score with
+another sampler than the grid's (ancestral, 25 steps). benchmarks/toy_recipes.md has the table.
 """
 import argparse
 import datetime
@@ -59,7 +60,7 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--guidance", default="5")
     p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--sampler", default="ancestral", help="the sampler the scores are drawn with (the grid's: ancestral)")
+    p.add_argument("--sampler", default="ancestral", help="the sampler the scores are drawn with (the grid's one)")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--runs-dir", default="/tmp/toy_recipes")
     p.add_argument("--class-dir-root", help="class images per seed in <root>/s<seed> (drawn there if missing)")

@@ -144,9 +144,9 @@ class OptimizerInBackward:
     """
 
     def __init__(self, params, lr, weight_decay, max_grad_norm, betas=(0.9, 0.999), adamw=torch.optim.AdamW,
-                 lr_scales=None):
-        scale = lr_scales or {}
-        self.optimizers = {k: adamw([{"params": [p], "lr_scale": scale.get(k, 1.0)}], lr=lr,
+                 scales=None):
+        scales = scales or {}  # {name: its lr / lr} (make_optimizer's lr_scales)
+        self.optimizers = {k: adamw([{"params": [p], "lr_scale": scales.get(k, 1.0)}], lr=lr,
                                     weight_decay=weight_decay, betas=betas) for k, p in params.items()}
         self.max_grad_norm = max_grad_norm
         self.hooks = [p.register_post_accumulate_grad_hook(self._update(self.optimizers[k]))
